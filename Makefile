@@ -1,0 +1,35 @@
+# Two commands do all the set-up on a fresh machine: `make run` and `make test`.
+# Both create .venv (Python 3.11) when it is missing and install the pinned dependencies from
+# pyproject.toml; the stamp is keyed on that file's content, so an unchanged setup is skipped.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+DEPS_HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
+STAMP := $(VENV)/.installed-$(DEPS_HASH)
+export PATH := $(BIN):$(PATH)
+
+.PHONY: setup run test ui lint clean
+
+setup: $(STAMP)
+
+$(STAMP):
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[test]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+run: setup
+	dvc repro
+
+test: setup
+	pytest
+
+ui: setup
+	mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db"
+
+lint: setup
+	ruff check src tests
+
+clean:
+	rm -rf data/raw data/processed models reports

@@ -1,0 +1,67 @@
+"""`reprolab <stage> [--params params.yaml] [-S key.path=value ...]`: one subcommand per stage.
+
+Nothing heavy is imported here: torch, mlflow and optuna load inside the stage that needs them,
+so `reprolab --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import shlex
+import sys
+
+# stage -> module; a stage, its module, its params section and its report folder share a name.
+STAGES = {
+    "fetch": ("reprolab.data.fetch", "download or copy the raw dataset and write its manifest"),
+    "preprocess": ("reprolab.data.preprocess", "verify raw files; write uint8 tensor splits"),
+    "tune": ("reprolab.tune", "search lr and optimizer with Optuna"),
+    "train": ("reprolab.train", "train the model and log it to MLflow"),
+    "evaluate": ("reprolab.evaluate", "test-split metrics and confusion matrix"),
+    "register": ("reprolab.register", "register the model; move @champion if it is better"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="reprolab",
+        description="Reproducible training of PyTorch image classifiers (DVC, MLflow, Optuna).",
+    )
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for stage, (_, help_text) in STAGES.items():
+        p = sub.add_parser(stage, help=help_text, description=help_text)
+        p.add_argument("--params", default="params.yaml", metavar="PATH",
+                       help="params file (default: params.yaml)")
+        p.add_argument("-S", "--set", dest="overrides", action="append", default=[],
+                       metavar="KEY.PATH=VALUE",
+                       help="override one param, validated like the file (repeatable)")
+        p.add_argument("--overrides", dest="override_list", default="", metavar="'K=V K=V'",
+                       help="several overrides in one string (for MLproject parameters)")
+        p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    from reprolab.config import load_config
+    from reprolab.errors import ReprolabError
+
+    overrides = [*shlex.split(args.override_list), *args.overrides]
+    try:
+        cfg = load_config(args.params, overrides)  # before any work: a bad value writes nothing
+        module = importlib.import_module(STAGES[args.stage][0])
+        module.main(cfg, args)
+    except ReprolabError as exc:
+        print(f"reprolab {args.stage}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""params.yaml (+ `-S key.path=value` overrides) -> one frozen, typed config.
+
+All validation lives here, and it happens before any stage does any work: an unknown key, a
+wrong type or an out-of-range value raises `ConfigError` with one line that names the key, the bad
+value and what is allowed. Derived values (absolute paths, store URIs) are properties.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    Strict,
+    StrictBool,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
+
+from reprolab.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+DATASETS = ("digits",)
+MODELS = ("simple_cnn",)
+METRICS = ("accuracy", "f1_macro", "f1_weighted")
+
+Optimizer = Literal["sgd", "adam", "adamw", "rmsprop"]
+
+
+def _numeric_string(value: Any) -> Any:
+    # YAML 1.1 reads `1e-3` (no dot) as a string; a float field takes such numeric strings.
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+Float = Annotated[float, BeforeValidator(_numeric_string), Strict()]
+Int = Annotated[int, Strict()]
+Fraction = Annotated[Float, Field(gt=0, lt=1)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Paths(_Section):
+    """Relative to the repository root; dvc.yaml uses the same values through ${paths.*}."""
+
+    raw: StrictStr
+    processed: StrictStr
+    models: StrictStr
+    reports: StrictStr
+    mlflow_db: StrictStr
+    optuna_journal: StrictStr
+
+
+class Data(_Section):
+    dataset: Literal[DATASETS]
+    val_fraction: Fraction
+    test_fraction: Fraction
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> Data:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                "data.val_fraction + data.test_fraction = "
+                f"{self.val_fraction + self.test_fraction:g}; "
+                "allowed: a sum below 1, so that training keeps data"
+            )
+        return self
+
+
+class Model(_Section):
+    name: Literal[MODELS]
+    hidden: Int = Field(ge=1)
+
+
+class Train(_Section):
+    optimizer: Optimizer
+    lr: Float = Field(gt=0)
+    momentum: Float = Field(ge=0, lt=1)
+    epochs: Int = Field(ge=1)
+    batch_size: Int = Field(ge=1)
+    use_tuned: StrictBool
+    device: StrictStr = Field(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class Tune(_Section):
+    study: StrictStr = Field(min_length=1)
+    n_trials: Int = Field(ge=1)
+    epochs: Int = Field(ge=1)
+    lr_low: Float = Field(gt=0)
+    lr_high: Float = Field(gt=0)
+    optimizers: tuple[Optimizer, ...] = Field(min_length=1)
+    storage: StrictStr | None
+    pruner: Literal["median", "none"]
+
+    @model_validator(mode="after")
+    def _lr_range(self) -> Tune:
+        if self.lr_low >= self.lr_high:
+            raise ValueError(
+                f"tune.lr_low = {self.lr_low:g} is not below tune.lr_high = {self.lr_high:g}; "
+                "allowed: tune.lr_low < tune.lr_high"
+            )
+        return self
+
+
+class Evaluate(_Section):
+    batch_size: Int = Field(ge=1)
+
+
+class Register(_Section):
+    model_name: StrictStr = Field(min_length=1)
+    metric: Literal[METRICS]
+    min_delta: Float = Field(ge=0)
+
+
+class Tracking(_Section):
+    experiment: StrictStr = Field(min_length=1)
+
+
+with warnings.catch_warnings():
+    # `register` is the stage's name; it shadows only ABCMeta.register, which nothing here uses.
+    warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+
+    class Config(_Section):
+        seed: Int = Field(ge=0)
+        paths: Paths
+        data: Data
+        model: Model
+        train: Train
+        tune: Tune
+        evaluate: Evaluate
+        register: Register
+        tracking: Tracking
+
+        # Where the params file lives: stage outputs resolve against it. Not a knob.
+        _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+        # ---- derived paths (DVC outputs, relative to the repository) ----
+
+        def _path(self, rel: str) -> Path:
+            return self._base_dir / rel
+
+        @property
+        def base_dir(self) -> Path:
+            return self._base_dir
+
+        @property
+        def raw_dir(self) -> Path:
+            return self._path(self.paths.raw) / self.data.dataset
+
+        @property
+        def processed_dir(self) -> Path:
+            return self._path(self.paths.processed)
+
+        @property
+        def models_dir(self) -> Path:
+            return self._path(self.paths.models)
+
+        def report_dir(self, stage: str) -> Path:
+            return self._path(self.paths.reports) / stage
+
+        # ---- stores (never inside a DVC output) ----
+
+        @property
+        def store_root(self) -> Path:
+            """The real repository root, also from inside `dvc exp run --temp/--queue` copies.
+
+            DVC sets DVC_ROOT for every stage it runs, and points it at the parent repository for
+            queued and temporary experiments, so every experiment writes into the same stores.
+            """
+            return Path(os.environ.get("DVC_ROOT") or self._base_dir).resolve()
+
+        @property
+        def mlflow_uri(self) -> str:
+            env = os.environ.get("MLFLOW_TRACKING_URI")
+            if env:
+                return env
+            return f"sqlite:///{self.store_root / self.paths.mlflow_db}"
+
+        @property
+        def mlflow_artifact_root(self) -> Path | None:
+            """Artifacts of an embedded (sqlite) store live beside its database; a server
+            chooses its own."""
+            uri = self.mlflow_uri
+            if not uri.startswith("sqlite:///"):
+                return None
+            return Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
+
+        @property
+        def optuna_journal(self) -> Path:
+            return self.store_root / self.paths.optuna_journal
+
+        # ---- identity ----
+
+        def as_dict(self) -> dict[str, Any]:
+            return self.model_dump(mode="json")
+
+        def flat(self) -> dict[str, Any]:
+            """`train.lr`-style keys, as MLflow params."""
+            return _flatten(self.as_dict())
+
+        @property
+        def params_hash(self) -> str:
+            blob = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
+            return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        elif isinstance(value, list | tuple):
+            out[name] = ",".join(map(str, value))
+        else:
+            out[name] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=0.01` -> (["train", "lr"], 0.01); the value is read as YAML, as DVC's -S does."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"-S {text!r}: expected key.path=value, e.g. -S train.lr=0.01")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = tree
+        for depth, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}  # unknown section: validation names it below
+            if not isinstance(child, dict):
+                where = ".".join(keys[: depth + 1])
+                raise ConfigError(f"-S {text}: {where} is a value, not a section")
+            node = child
+        node[keys[-1]] = value
+    return tree
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys that the section holding `loc` accepts, to say what is allowed."""
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = tuple(error["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        allowed = ", ".join(_allowed_keys(loc))
+        return f"{key}: unknown key; allowed keys here: {allowed}"
+    if kind == "missing":
+        return f"{key}: missing; every knob must be set in params.yaml"
+    msg = error["msg"]
+    if msg.startswith("Value error, "):
+        return msg.removeprefix("Value error, ")  # our validators name their keys
+    return f"{key} = {error['input']!r}: {msg[0].lower()}{msg[1:]}"
+
+
+def load_config(
+    params: str | os.PathLike[str] = "params.yaml", overrides: Sequence[str] = ()
+) -> Config:
+    path = Path(params)
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    tree = apply_overrides(tree, list(overrides))
+    try:
+        cfg = Config.model_validate(tree)
+    except ValidationError as exc:
+        source = f"{path}" + (" with -S overrides" if overrides else "")
+        raise ConfigError(f"{source}: {_describe(exc.errors()[0])}") from None
+    cfg._base_dir = path.resolve().parent
+    return cfg

@@ -1,0 +1,53 @@
+"""Datasets: fetch raw files, preprocess them into uint8 tensor splits, load those splits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reprolab.errors import DataError
+from reprolab.io import read_json
+
+SPLITS = ("train", "val", "test")
+META = "meta.json"
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images as uint8 N x C x H x W (raw pixels, 0..255) and int64 labels."""
+
+    x: Any  # torch.Tensor; torch is imported only by the commands that need it
+    y: Any
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def to(self, device: Any) -> Split:
+        return Split(self.x.to(device), self.y.to(device))
+
+
+def load_meta(processed_dir: Path) -> dict[str, Any]:
+    path = Path(processed_dir) / META
+    if not path.exists():
+        raise DataError(f"{path}: not found; run `reprolab preprocess` (or `dvc repro`) first")
+    return read_json(path)
+
+
+def load_split(processed_dir: Path, name: str) -> Split:
+    import torch
+
+    path = Path(processed_dir) / f"{name}.pt"
+    if not path.exists():
+        raise DataError(f"{path}: not found; run `reprolab preprocess` (or `dvc repro`) first")
+    blob = torch.load(path, weights_only=True)
+    return Split(blob["x"], blob["y"])
+
+
+def load_training_data(processed_dir: Path, device: Any) -> tuple[dict[str, Any], Split, Split]:
+    """meta.json and the train and val splits, moved to `device` once."""
+    meta = load_meta(processed_dir)
+    train = load_split(processed_dir, "train").to(device)
+    val = load_split(processed_dir, "val").to(device)
+    return meta, train, val

@@ -1,0 +1,116 @@
+"""evaluate stage: test-split metrics with scikit-learn, the confusion matrix, all on the run."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from typing import Any
+
+import numpy as np
+
+from reprolab.config import Config
+from reprolab.io import atomic_path, read_json, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+PER_CLASS_FILE = "per_class.json"
+PREDICTIONS_FILE = "predictions.csv"
+CONFUSION_PNG = "confusion_matrix.png"
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    """Accuracy, macro and weighted F1, macro precision and recall (pure, scikit-learn)."""
+    from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
+
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "f1_macro": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        "f1_weighted": float(f1_score(y_true, y_pred, average="weighted", zero_division=0)),
+        "precision_macro": float(
+            precision_score(y_true, y_pred, average="macro", zero_division=0)
+        ),
+        "recall_macro": float(recall_score(y_true, y_pred, average="macro", zero_division=0)),
+    }
+
+
+def per_class_report(
+    y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]
+) -> dict[str, dict[str, float]]:
+    from sklearn.metrics import precision_recall_fscore_support
+
+    labels = list(range(len(classes)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=0
+    )
+    return {
+        name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+        for name, p, r, f, s in zip(classes, precision, recall, f1, support, strict=True)
+    }
+
+
+def predictions_csv(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> str:
+    """Rows of (actual, predicted) class names: the input of DVC's confusion template."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["actual", "predicted"])
+    writer.writerows((classes[t], classes[p]) for t, p in zip(y_true, y_pred, strict=True))
+    return out.getvalue()
+
+
+def write_confusion_png(path: Any, y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    size = max(4.0, 0.45 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ConfusionMatrixDisplay.from_predictions(
+        y_true, y_pred, labels=list(range(len(classes))), display_labels=classes, ax=ax,
+        colorbar=False,
+    )
+    ax.set_title("test split")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def run(cfg: Config) -> dict[str, float]:
+    from reprolab import tracking
+    from reprolab.data import load_meta, load_split
+    from reprolab.engine import predict_proba
+    from reprolab.train import RUN_FILE, load_checkpoint
+
+    meta = load_meta(cfg.processed_dir)
+    test = load_split(cfg.processed_dir, "test")
+    model, _ = load_checkpoint(cfg.models_dir)
+    probs = predict_proba(model, test.x, cfg.evaluate.batch_size)
+    y_true, y_pred = test.y.numpy(), probs.argmax(1).numpy()
+    classes = meta["classes"]
+
+    metrics = classification_metrics(y_true, y_pred)
+    out = cfg.report_dir("evaluate")
+    write_json(out / METRICS_FILE, metrics)
+    write_json(out / PER_CLASS_FILE, per_class_report(y_true, y_pred, classes))
+    write_text(out / PREDICTIONS_FILE, predictions_csv(y_true, y_pred, classes))
+    write_confusion_png(out / CONFUSION_PNG, y_true, y_pred, classes)
+
+    run_id = read_json(cfg.models_dir / RUN_FILE)["run_id"]
+    tracking.configure(cfg)
+    tracking.log_to_run(
+        run_id,
+        {f"test/{k}": v for k, v in metrics.items()},
+        [out / name for name in (METRICS_FILE, PER_CLASS_FILE, CONFUSION_PNG)],
+        artifact_path="evaluate",
+    )
+    log.info("evaluate: %s", metrics)
+    return metrics
+
+
+def main(cfg: Config, args: Any) -> None:
+    metrics = run(cfg)
+    print("evaluate: " + "  ".join(f"test/{k} {v:.4f}" for k, v in metrics.items()))

@@ -1,0 +1,177 @@
+"""The only module that imports mlflow: runs, lineage tags, models and the registry."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from reprolab.config import Config
+
+log = logging.getLogger(__name__)
+
+MODEL_ARTIFACT = "model"
+
+
+def configure(cfg: Config) -> str:
+    """Point MLflow at the configured store and experiment; -> the experiment id."""
+    uri = cfg.mlflow_uri
+    mlflow.set_tracking_uri(uri)
+    name = cfg.tracking.experiment
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        root = cfg.mlflow_artifact_root
+        location = root.as_uri() if root else None
+        with contextlib.suppress(MlflowException):  # another process created it first
+            mlflow.create_experiment(name, artifact_location=location)
+        experiment = mlflow.get_experiment_by_name(name)
+    mlflow.set_experiment(experiment_id=experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def git_state(cwd: Path) -> dict[str, str]:
+    def git(*args: str) -> str:
+        out = subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, text=True, check=False
+        )
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return {"git.commit": "none", "git.dirty": "unknown"}
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return {"git.commit": commit, "git.dirty": str(dirty).lower()}
+
+
+def lineage_tags(cfg: Config, meta: dict[str, Any]) -> dict[str, str]:
+    """What a run or a registered version came from: code, params and data."""
+    import torch
+
+    tags = {
+        **git_state(cfg.base_dir),
+        "params_hash": cfg.params_hash,
+        "data.manifest_sha256": meta["manifest_sha256"],
+        "data.dataset": meta["dataset"],
+        "torch.version": torch.__version__,
+    }
+    for env, tag in (("DVC_STAGE", "dvc.stage"), ("DVC_EXP_NAME", "dvc.exp_name")):
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    return tags
+
+
+@contextlib.contextmanager
+def start_run(
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+    nested: bool = False,
+    run_id: str | None = None,
+) -> Iterator[str]:
+    """A run that ends FINISHED, or FAILED on an exception (KILLED on Ctrl-C); -> its id."""
+    with mlflow.start_run(run_id=run_id, run_name=run_name, tags=tags, nested=nested) as run:
+        yield run.info.run_id
+
+
+def log_params(params: dict[str, Any]) -> None:
+    mlflow.log_params(params)
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """One batched call per epoch, never one per step."""
+    mlflow.log_metrics(metrics, step=step)
+
+
+def set_tags(tags: dict[str, str]) -> None:
+    mlflow.set_tags(tags)
+
+
+def log_artifact(path: Path, artifact_path: str | None = None) -> None:
+    mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_dataset(features: Any, targets: Any, name: str, source: Path, digest: str) -> None:
+    with warnings.catch_warnings():
+        # MLflow registers its local-path source twice and warns that the path is ambiguous.
+        warnings.filterwarnings("ignore", message="The specified dataset source")
+        dataset = mlflow.data.from_numpy(
+            features, targets=targets, source=str(source), name=name, digest=digest[:16]
+        )
+    mlflow.log_input(dataset, context="training")
+
+
+def log_model(model: Any, input_example: Any) -> str:
+    """Log a model that takes raw pixels and returns probabilities; -> its model URI.
+
+    MLflow stores it with torch.export (`pt2`), whose loading runs no pickled code.
+    """
+    import numpy as np
+    import torch
+    from mlflow.models import infer_signature
+
+    with torch.no_grad():
+        output = model(torch.from_numpy(input_example)).numpy()
+    signature = infer_signature(input_example, output.astype(np.float32))
+    info = mlflow.pytorch.log_model(
+        model,
+        name=MODEL_ARTIFACT,
+        signature=signature,
+        input_example=input_example,
+        serialization_format="pt2",
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+    )
+    return info.model_uri
+
+
+def load_model(model_uri: str) -> Any:
+    return mlflow.pytorch.load_model(model_uri)
+
+
+def log_to_run(
+    run_id: str, metrics: dict[str, float], artifacts: list[Path], artifact_path: str
+) -> None:
+    """Add results to a finished run (evaluate adds test/* to the training run)."""
+    client = MlflowClient()
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value)
+    for path in artifacts:
+        client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+
+
+def run_metrics(run_id: str) -> dict[str, float]:
+    return MlflowClient().get_run(run_id).data.metrics
+
+
+# ---- registry ----
+
+
+def register_version(name: str, model_uri: str, run_id: str, tags: dict[str, str]) -> str:
+    """Register the run's model once: a second call for the same run returns the same version."""
+    client = MlflowClient()
+    with contextlib.suppress(MlflowException):
+        client.create_registered_model(name)
+    for version in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        return str(version.version)
+    version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags)
+    return str(version.version)
+
+
+def alias_version(name: str, alias: str) -> dict[str, Any] | None:
+    """-> {version, tags} of the version holding `alias`, or None."""
+    try:
+        version = MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+    return {"version": str(version.version), "tags": dict(version.tags)}
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    MlflowClient().set_registered_model_alias(name, alias, version)

@@ -1,0 +1,74 @@
+"""Shared fixtures: one MLflow store per test session, a tiny project per test.
+
+A new MLflow sqlite store costs seconds of migrations, so every in-process test shares one;
+stage functions run in-process on the real digits data with few epochs and trials.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from reprolab.config import Config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small enough for 2 cores, big enough that the numbers mean something.
+TINY = [
+    "train.epochs=3",
+    "train.use_tuned=false",
+    "tune.n_trials=3",
+    "tune.epochs=2",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Every in-process test logs to one session store, never to the repository's."""
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.environ.pop("DVC_ROOT", None)
+    yield uri
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+@pytest.fixture(scope="session")
+def processed_once(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fetch + preprocess of digits, done once; tests copy the result."""
+    from reprolab.data import fetch, preprocess
+
+    root = tmp_path_factory.mktemp("digits")
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    cfg = load_config(root / "params.yaml")
+    fetch.run(cfg)
+    preprocess.run(cfg)
+    return root
+
+
+@pytest.fixture
+def make_config(tmp_path: Path) -> Callable[..., Config]:
+    """-> load(*overrides): a Config for a fresh project in tmp_path (params.yaml copied)."""
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+
+    def load(*overrides: str) -> Config:
+        return load_config(tmp_path / "params.yaml", [*TINY, *overrides])
+
+    return load
+
+
+@pytest.fixture
+def project(make_config: Callable[..., Config], processed_once: Path) -> Callable[..., Config]:
+    """Like make_config, with the digits raw and processed data already in place."""
+    cfg = make_config()
+    for rel in (cfg.paths.raw, cfg.paths.processed):
+        shutil.copytree(processed_once / rel, cfg.base_dir / rel)
+    return make_config

@@ -1,0 +1,145 @@
+"""Config validation: every bad value is one line naming the key, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from reprolab import cli
+from reprolab.config import load_config
+from reprolab.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+BAD = [
+    # (override, text the message must contain)
+    ("train.lr=0", "train.lr = 0"),
+    ("train.lr=-1", "train.lr = -1"),
+    ("train.lr=abc", "train.lr = 'abc'"),
+    ("train.lr=true", "train.lr = True"),
+    ("train.epochs=0", "train.epochs = 0"),
+    ("train.epochs=2.5", "train.epochs = 2.5"),
+    ("train.optimizer=lion", "'sgd', 'adam', 'adamw' or 'rmsprop'"),
+    ("train.device=gpu", "train.device = 'gpu'"),
+    ("train.use_tuned=maybe", "train.use_tuned = 'maybe'"),
+    ("data.dataset=imagenet", "data.dataset = 'imagenet'"),
+    ("data.val_fraction=0", "data.val_fraction = 0"),
+    ("data.val_fraction=1", "data.val_fraction = 1"),
+    ("data.val_fraction=0.85", "data.val_fraction + data.test_fraction"),
+    ("model.name=vit", "model.name = 'vit'"),
+    ("tune.optimizers=[]", "tune.optimizers = []"),
+    ("tune.optimizers=[adam,lion]", "tune.optimizers.1 = 'lion'"),
+    ("tune.lr_low=0.5", "tune.lr_low = 0.5 is not below tune.lr_high"),
+    ("tune.n_trials=0", "tune.n_trials = 0"),
+    ("register.metric=loss", "register.metric = 'loss'"),
+    ("train.lr_max=1", "train.lr_max: unknown key; allowed keys here: optimizer, lr,"),
+    ("trian.lr=1", "trian: unknown key"),
+    ("seed.value=1", "seed is a value, not a section"),
+    ("train.lr", "expected key.path=value"),
+]
+
+
+@pytest.mark.parametrize(("override", "expected"), BAD, ids=[b[0] for b in BAD])
+def test_bad_override_is_refused_naming_the_key(override, expected, tmp_path, capsys, monkeypatch):
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+
+    code = cli.main(["train", "-S", override])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert expected in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_numeric_strings_are_accepted_for_float_fields(tmp_path):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    text = (REPO / "params.yaml").read_text().replace("lr: 1.0e-3", "lr: 1e-3")
+    assert yaml.safe_load(text)["train"]["lr"] == "1e-3"  # YAML 1.1 reads it as a string
+    (tmp_path / "params.yaml").write_text(text)
+    cfg = load_config(tmp_path / "params.yaml")
+    assert cfg.train.lr == pytest.approx(1e-3)
+    assert cfg.tune.lr_high == pytest.approx(params["tune"]["lr_high"])
+    assert load_config(tmp_path / "params.yaml", ["train.lr=3e-4"]).train.lr == pytest.approx(3e-4)
+
+
+def test_int_fields_refuse_numeric_strings():
+    with pytest.raises(ConfigError, match=r"train.epochs = '5'"):
+        load_config(REPO / "params.yaml", ["train.epochs='5'"])
+
+
+def test_the_repository_params_load_and_are_frozen():
+    cfg = load_config(REPO / "params.yaml")
+    assert cfg.data.dataset == "digits"
+    assert cfg.model.name == "simple_cnn"
+    assert set(cfg.tune.optimizers) == {"sgd", "adam", "adamw", "rmsprop"}
+    with pytest.raises(Exception, match="frozen"):
+        cfg.train.lr = 1.0  # type: ignore[misc]
+
+
+def test_missing_key_in_the_file_is_named(tmp_path):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    del params["train"]["momentum"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError, match=r"train.momentum: missing"):
+        load_config(tmp_path / "params.yaml")
+
+
+def test_invalid_yaml_and_missing_file_are_one_line(tmp_path):
+    (tmp_path / "params.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML \(line 2\)"):
+        load_config(tmp_path / "params.yaml")
+    with pytest.raises(ConfigError, match="params file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_overrides_reach_nested_values_and_flatten():
+    cfg = load_config(REPO / "params.yaml", ["train.lr=0.05", "tune.optimizers=[sgd]"])
+    flat = cfg.flat()
+    assert flat["train.lr"] == 0.05
+    assert flat["tune.optimizers"] == "sgd"
+    assert cfg.params_hash != load_config(REPO / "params.yaml").params_hash
+
+
+def test_stores_resolve_from_dvc_root(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    cfg = load_config(REPO / "params.yaml")
+    assert cfg.mlflow_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert cfg.mlflow_artifact_root == tmp_path / "mlartifacts"
+    assert cfg.optuna_journal == tmp_path / "optuna.journal"
+    assert cfg.processed_dir == REPO / "data" / "processed"  # outputs stay in the workspace
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert cfg.mlflow_uri == "http://127.0.0.1:5000"
+    assert cfg.mlflow_artifact_root is None
+
+
+def test_cli_exit_code_and_help_import_nothing_heavy(tmp_path):
+    bad = subprocess.run(
+        [sys.executable, "-m", "reprolab", "train", "--params", str(REPO / "params.yaml"),
+         "-S", "train.lr=-1"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == (
+        f"reprolab train: error: {REPO / 'params.yaml'} with -S overrides: "
+        "train.lr = -1: input should be greater than 0"
+    )
+    probe = subprocess.run(
+        [sys.executable, "-c",
+         "import sys, contextlib, io\n"
+         "from reprolab import cli\n"
+         "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+         "    cli.main(['--help'])\n"
+         "print(sorted(m for m in ('torch', 'mlflow', 'optuna', 'sklearn', 'pydantic')"
+         " if m in sys.modules))"],
+        capture_output=True, text=True, check=True,
+    )
+    assert probe.stdout.strip() == "[]"

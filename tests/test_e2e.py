@@ -1,0 +1,145 @@
+"""End to end: the real `dvc repro`, `dvc exp run --temp` and `mlflow run` in a copy of the repo.
+
+These start real processes (each pays seconds of imports), so the module does the expensive
+pipeline once and checks everything about it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+pytestmark = pytest.mark.e2e
+
+TINY = {"train": {"epochs": 3}, "tune": {"n_trials": 3, "epochs": 2}}
+
+
+def sh(*cmd: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A git repository holding what a clone of this one holds, with tiny params."""
+    dest = tmp_path_factory.mktemp("clone")
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout.split("\0")
+    for rel in filter(None, files):
+        if (REPO / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dest / rel)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t")
+    sh("git", "init", "-q", cwd=dest, env=env)
+    sh("git", "add", "-A", cwd=dest, env=env)
+    sh("git", "commit", "-q", "-m", "clone", cwd=dest, env=env)
+    return dest, env
+
+
+@pytest.fixture(scope="module")
+def repro(repo):
+    dest, env = repo
+    first = sh("dvc", "repro", cwd=dest, env=env)
+    second = sh("dvc", "repro", cwd=dest, env=env)
+    return dest, env, first, second
+
+
+def test_dvc_repro_runs_every_stage_and_writes_every_output(repro):
+    dest, _, first, _ = repro
+    for stage in ("fetch", "preprocess", "tune", "train", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in first.stdout
+    for rel in (
+        "data/raw/digits/manifest.json", "data/processed/meta.json", "data/processed/train.pt",
+        "reports/tune/best_params.yaml", "reports/tune/summary.json", "models/model.pt",
+        "models/run.json", "reports/train/history.csv", "reports/evaluate/metrics.json",
+        "reports/evaluate/predictions.csv", "reports/evaluate/confusion_matrix.png",
+        "reports/register/decision.json", "dvc.lock",
+    ):
+        assert (dest / rel).is_file(), rel
+    # the stores sit at the repository root, outside every DVC output
+    assert (dest / "mlflow.db").is_file()
+    assert (dest / "optuna.journal").is_file()
+
+
+def test_second_repro_runs_nothing(repro):
+    _, _, _, second = repro
+    assert "Running stage" not in second.stdout
+    assert "Data and pipelines are up to date" in second.stdout
+
+
+def test_mlflow_holds_runs_study_and_registry(repro):
+    dest, _, _, _ = repro
+    client = MlflowClient(tracking_uri=f"sqlite:///{dest / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("reprolab")
+    assert exp.artifact_location == (dest / "mlartifacts").as_uri()
+
+    run_id = yaml.safe_load((dest / "models/run.json").read_text())["run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.hparams_source"] == "tune"
+    assert run.data.tags["dvc.stage"] == "train"
+    for key in ("train/loss", "val/loss", "val/accuracy", "test/accuracy", "test/f1_macro"):
+        assert key in run.data.metrics, key
+    assert len(client.get_metric_history(run_id, "val/accuracy")) == 3
+
+    parents = client.search_runs([exp.experiment_id], "tags.`optuna.study` != ''")
+    assert len(parents) == 1
+    children = client.search_runs(
+        [exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'"
+    )
+    assert len(children) == 3
+
+    champion = client.get_model_version_by_alias("reprolab-classifier", "champion")
+    assert str(champion.version) == "1"
+    assert champion.tags["training_run_id"] == run_id
+    assert champion.tags["git.commit"] == sh("git", "rev-parse", "HEAD", cwd=dest,
+                                             env=repro[1]).stdout.strip()
+
+
+def test_temp_experiment_writes_into_the_same_store(repro):
+    dest, env, _, _ = repro
+    sh("dvc", "exp", "run", "--temp", "-S", "train.epochs=1", "-S", "train.use_tuned=false",
+       cwd=dest, env=env)
+    client = MlflowClient(tracking_uri=f"sqlite:///{dest / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("reprolab")
+    runs = client.search_runs([exp.experiment_id], "params.`train.epochs` = '1'")
+    assert len(runs) == 1  # the training run only: tune was restored from the cache, not rerun
+    assert runs[0].data.params["train.hparams_source"] == "params"
+    assert runs[0].data.tags.get("dvc.exp_name")
+    assert "test/f1_macro" in runs[0].data.metrics  # evaluate ran there too
+    assert not list((dest / ".dvc" / "tmp").rglob("mlflow.db"))
+
+
+def test_mlflow_run_entry_point(repro):
+    dest, env, _, _ = repro
+    uri = f"sqlite:///{dest / 'mlflow.db'}"
+    sh("mlflow", "run", ".", "-e", "train", "--env-manager", "local",
+       "--experiment-name", "reprolab", "-P", "overrides=train.epochs=2 train.lr=0.002",
+       cwd=dest, env={**env, "MLFLOW_TRACKING_URI": uri})
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("reprolab")
+    runs = client.search_runs([exp.experiment_id], "params.`train.epochs` = '2'")
+    assert len(runs) == 1
+    assert runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags["mlflow.project.entryPoint"] == "train"

@@ -1,0 +1,155 @@
+"""tune, train, evaluate and register in-process on digits, against a real MLflow store."""
+
+from __future__ import annotations
+
+import csv
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from reprolab import evaluate, register, train, tune
+from reprolab.data import load_split
+from reprolab.io import read_json
+
+
+def _runs(experiment: str, filter_string: str = "") -> list:
+    exp = MlflowClient().get_experiment_by_name(experiment)
+    return MlflowClient().search_runs([exp.experiment_id], filter_string=filter_string)
+
+
+def test_tune_runs_a_study_with_nested_mlflow_runs_and_resumes(project):
+    cfg = project("tracking.experiment=tune-test", "tune.n_trials=4")
+    summary = tune.run(cfg)
+
+    assert summary["trials_complete"] + summary["trials_pruned"] == 4
+    best = yaml.safe_load(tune.best_params_path(cfg).read_text())
+    assert best["optimizer"] in cfg.tune.optimizers
+    assert cfg.tune.lr_low <= best["lr"] <= cfg.tune.lr_high
+    assert read_json(cfg.report_dir("tune") / "summary.json") == summary
+    assert cfg.optuna_journal.exists()  # its own store, not the MLflow database
+
+    parents = _runs("tune-test", "tags.`optuna.study` != ''")
+    assert len(parents) == 1
+    parent = parents[0]
+    children = _runs("tune-test", f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 4
+    assert parent.data.metrics["best/val/accuracy"] == pytest.approx(summary["best_value"])
+    assert {c.data.tags["optuna.state"] for c in children} <= {"COMPLETE", "PRUNED"}
+
+    again = tune.run(cfg)  # a finished study adds no trial
+    assert again["trials_complete"] + again["trials_pruned"] == 4
+    assert again["best_value"] == summary["best_value"]
+    assert again["epochs_spent"] == 0
+
+
+def test_tune_study_name_changes_with_the_data_and_space(project):
+    cfg = project()
+    meta = {"manifest_sha256": "a"}
+    name = tune.study_name(cfg, meta)
+    assert name.startswith("reprolab-")
+    assert name == tune.study_name(project(), meta)
+    assert name != tune.study_name(cfg, {"manifest_sha256": "b"})
+    assert name != tune.study_name(project("tune.lr_high=0.2"), meta)
+
+
+def test_train_evaluate_register_on_one_run(project):
+    cfg = project("tracking.experiment=pipeline-test", "register.model_name=pipeline-test")
+    result = train.run(cfg)
+
+    # outputs
+    run_info = read_json(cfg.models_dir / "run.json")
+    assert run_info["run_id"] == result.run_id
+    assert (cfg.models_dir / "model.pt").exists()
+    assert yaml.safe_load((cfg.models_dir / "config.yaml").read_text()) == cfg.as_dict()
+    rows = list(csv.DictReader((cfg.report_dir("train") / "history.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+
+    # the MLflow run
+    run = MlflowClient().get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == f"simple_cnn-adam-lr{cfg.train.lr:.1e}"
+    assert run.data.params["train.lr"] == str(cfg.train.lr)
+    assert run.data.params["train.hparams_source"] == "params"
+    assert run.data.tags["params_hash"] == cfg.params_hash
+    assert len(run.data.tags["data.manifest_sha256"]) == 64
+    assert run.data.tags["git.commit"]
+    history = MlflowClient().get_metric_history(result.run_id, "val/accuracy")
+    assert [m.step for m in history] == [1, 2, 3]
+    assert history[-1].value == pytest.approx(float(rows[-1]["val/accuracy"]))
+    assert run.inputs.dataset_inputs[0].dataset.name == "digits"
+
+    # the logged model takes raw pixels and returns the in-memory model's probabilities
+    test = load_split(cfg.processed_dir, "test")
+    raw = test.x[:16].float()
+    with torch.no_grad():
+        expected = result.model(raw).softmax(1).numpy()
+    loaded = mlflow.pytorch.load_model(result.model_uri)
+    with torch.no_grad():
+        got = loaded(raw).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.sum(1), 1.0, rtol=1e-5)
+
+    # evaluate: metrics.json agrees with the predictions it wrote, and lands on the run
+    metrics = evaluate.run(cfg)
+    out = cfg.report_dir("evaluate")
+    assert read_json(out / "metrics.json") == metrics
+    preds = list(csv.DictReader((out / "predictions.csv").open()))
+    assert len(preds) == len(test)
+    hand_accuracy = sum(r["actual"] == r["predicted"] for r in preds) / len(preds)
+    assert metrics["accuracy"] == pytest.approx(hand_accuracy)
+    assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    per_class = read_json(out / "per_class.json")
+    assert set(per_class) == {str(d) for d in range(10)}
+    assert sum(c["support"] for c in per_class.values()) == len(test)
+    logged = MlflowClient().get_run(result.run_id).data.metrics
+    assert logged["test/f1_macro"] == pytest.approx(metrics["f1_macro"])
+
+    # register: version 1 becomes champion; the same run again makes no second version
+    decision = register.run(cfg)
+    assert (decision["version"], decision["alias"]) == ("1", "champion")
+    assert read_json(cfg.report_dir("register") / "decision.json") == decision
+    version = MlflowClient().get_model_version_by_alias("pipeline-test", "champion")
+    assert version.tags["training_run_id"] == result.run_id
+    assert version.tags["params_hash"] == cfg.params_hash
+    assert float(version.tags["test/f1_macro"]) == pytest.approx(metrics["f1_macro"])
+    again = register.run(cfg)
+    assert again["version"] == "1" and again["alias"] == "champion"
+    assert len(MlflowClient().search_model_versions("name = 'pipeline-test'")) == 1
+
+    # a worse model (one epoch, tiny lr) becomes challenger; the champion stays
+    worse = project("tracking.experiment=pipeline-test", "register.model_name=pipeline-test",
+                    "train.epochs=1", "train.lr=1e-5")
+    train.run(worse)
+    evaluate.run(worse)
+    decision = register.run(worse)
+    assert (decision["version"], decision["alias"]) == ("2", "challenger")
+    assert "does not beat champion v1" in decision["reason"]
+    champion = MlflowClient().get_model_version_by_alias("pipeline-test", "champion")
+    assert str(champion.version) == "1"
+
+
+def test_diverging_training_ends_the_run_failed(project):
+    from reprolab.errors import TrainingDiverged
+
+    cfg = project("tracking.experiment=diverge-test", "train.optimizer=sgd", "train.lr=1e6")
+    with pytest.raises(TrainingDiverged):
+        train.run(cfg)
+    runs = _runs("diverge-test")
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert not cfg.models_dir.exists()
+
+
+def test_train_with_use_tuned_reads_best_params(project):
+    cfg = project("train.use_tuned=true")
+    with pytest.raises(Exception, match="run `reprolab tune` first"):
+        train.resolve_hparams(cfg)
+    tune.best_params_path(cfg).parent.mkdir(parents=True)
+    tune.best_params_path(cfg).write_text("optimizer: rmsprop\nlr: 0.002\n")
+    assert train.resolve_hparams(cfg) == ("rmsprop", 0.002, "tune")
+    tune.best_params_path(cfg).write_text("optimizer: lion\nlr: 0.002\n")
+    with pytest.raises(Exception, match="expected optimizer in"):
+        train.resolve_hparams(cfg)
