@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
 import torch
 
 from reprolab.data import Split, load_training_data
-from reprolab.engine import evaluate, fit, seed_everything
+from reprolab.engine import Hyper, augment, evaluate, fit, make_schedule, seed_everything
 from reprolab.errors import TrainingDiverged
-from reprolab.models import build, count_parameters, model_spec
+from reprolab.models import MODELS, build, count_parameters, model_spec
 
 
-def _model(meta, seed=0):
+def _model(meta, seed=0, name="simple_cnn"):
     seed_everything(seed)
-    spec = model_spec("simple_cnn", meta["shape"], meta["num_classes"], 128, meta["mean"],
-                      meta["std"])
-    return build(spec)
+    return build(model_spec(name, meta["shape"], meta["num_classes"], meta["mean"], meta["std"],
+                            width=16))
 
 
 @pytest.fixture(scope="module")
@@ -34,45 +34,141 @@ def test_initial_loss_is_ln_k(digits):
 def test_overfits_one_batch(digits):
     meta, train, _ = digits
     batch = Split(train.x[:32], train.y[:32])
-    result = fit(_model(meta), batch, batch, optimizer="adam", lr=3e-3, momentum=0.9, epochs=150,
-                 batch_size=32, seed=0)
+    hp = Hyper(optimizer="adam", lr=3e-3, epochs=150, batch_size=32)
+    result = fit(_model(meta), batch, batch, hp)
     assert result.last["train/loss"] < 0.01
     assert result.last["val/accuracy"] == 1.0
 
 
-def test_two_seeded_runs_give_identical_weights(digits):
+@pytest.mark.parametrize("hp", [
+    Hyper(optimizer="sgd", lr=0.05, epochs=2, batch_size=64, seed=7),
+    Hyper(optimizer="adamw", lr=3e-3, epochs=2, batch_size=64, seed=7, schedule="onecycle",
+          crop_padding=1, flip=True, label_smoothing=0.1, weight_decay=5e-4),
+], ids=["sgd", "adamw-onecycle-augment"])
+def test_two_seeded_runs_give_identical_weights(digits, hp):
     meta, train, val = digits
     states = []
     for _ in range(2):
         model = _model(meta, seed=7)
-        fit(model, train, val, optimizer="sgd", lr=0.05, momentum=0.9, epochs=2, batch_size=64,
-            seed=7)
+        fit(model, train, val, hp)
         states.append(model.state_dict())
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
 
 
+def test_resuming_from_a_saved_state_gives_identical_weights(digits):
+    meta, train, val = digits
+    hp = Hyper(optimizer="sgd", lr=0.05, epochs=4, batch_size=64, seed=3, schedule="cosine",
+               warmup_epochs=1, crop_padding=1, patience=3)
+    straight = _model(meta, seed=3)
+    expected = fit(straight, train, val, hp)
+
+    saved: list[dict] = []
+
+    def save(state):  # as `reprolab train` does: serialise now, load with weights_only
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        buffer.seek(0)
+        saved.append(torch.load(buffer, weights_only=True))
+
+    first = _model(meta, seed=3)
+    with pytest.raises(KeyboardInterrupt):
+        def stop_after_two(row):
+            if row["epoch"] == 2:
+                raise KeyboardInterrupt
+
+        fit(first, train, val, hp, on_epoch=stop_after_two, save_state=save)
+    assert [s["epoch"] for s in saved] == [1]  # epoch 2's callback stopped before its save
+    torch.manual_seed(12345)  # the resumed run must not depend on the RNG it starts with
+    resumed_model = _model(meta, seed=99)
+    resumed = fit(resumed_model, train, val, hp, state=saved[-1])
+    exact = ("epoch", "train/loss", "train/accuracy", "val/loss", "val/accuracy", "train/lr")
+    assert [[r[k] for k in exact] for r in resumed.history] == \
+        [[r[k] for k in exact] for r in expected.history]
+    assert resumed.best_epoch == expected.best_epoch
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed_model.state_dict()[key]), key
+
+
 def test_learns_digits(digits):
     meta, train, val = digits
-    result = fit(_model(meta), train, val, optimizer="adam", lr=3e-3, momentum=0.9, epochs=5,
-                 batch_size=64, seed=0)
+    result = fit(_model(meta), train, val, Hyper(optimizer="adam", lr=3e-3, epochs=5,
+                                                 batch_size=64))
     assert result.last["val/accuracy"] > 0.9
     assert result.history[0]["train/loss"] > result.last["train/loss"]
     assert [row["epoch"] for row in result.history] == [1, 2, 3, 4, 5]
 
 
+def test_early_stopping_restores_the_best_epoch(digits):
+    meta, train, val = digits
+    # A learning rate this high makes validation accuracy wobble after an early peak.
+    hp = Hyper(optimizer="sgd", lr=0.2, momentum=0.9, epochs=12, batch_size=64, patience=2)
+    model = _model(meta)
+    result = fit(model, train, val, hp)
+    best = max(result.history, key=lambda row: row["val/accuracy"])
+    assert result.stopped_early
+    assert result.best_epoch == best["epoch"] < result.history[-1]["epoch"]
+    assert len(result.history) == best["epoch"] + 2
+    _, accuracy = evaluate(model, val, 512)
+    assert accuracy == pytest.approx(best["val/accuracy"])
+
+
 def test_divergence_is_one_clear_error(digits):
     meta, train, val = digits
-    with pytest.raises(TrainingDiverged, match=r"at epoch 1, step \d+: training diverged"):
-        fit(_model(meta), train, val, optimizer="sgd", lr=1e6, momentum=0.9, epochs=3,
-            batch_size=64, seed=0)
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss at epoch 1, step \d+"):
+        fit(_model(meta), train, val, Hyper(optimizer="sgd", lr=1e6, epochs=3, batch_size=64))
 
 
+def test_schedules_warm_up_and_anneal():
+    param = torch.nn.Parameter(torch.zeros(1))
+    lrs = {}
+    for schedule in ("constant", "cosine", "onecycle"):
+        opt = torch.optim.SGD([param], lr=0.1)
+        hp = Hyper(optimizer="sgd", lr=0.1, epochs=4, batch_size=1, schedule=schedule,
+                   warmup_epochs=1)
+        sched = make_schedule(opt, hp, steps_per_epoch=10)
+        seen = []
+        for _ in range(40):
+            seen.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        lrs[schedule] = seen
+    assert lrs["constant"][0] == pytest.approx(0.01) and lrs["constant"][9] == pytest.approx(0.1)
+    assert lrs["constant"][-1] == pytest.approx(0.1)
+    assert lrs["cosine"][10] == pytest.approx(0.1) and lrs["cosine"][-1] < 0.001
+    assert max(lrs["onecycle"]) == pytest.approx(0.1, rel=0.02)
+    assert lrs["onecycle"][0] < 0.01 and lrs["onecycle"][-1] < 1e-4
+
+
+def test_augment_crops_and_flips_whole_batches():
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).reshape(2, 1, 4, 4)
+    g = torch.Generator().manual_seed(0)
+    flipped = augment(x, 0, True, torch.Generator().manual_seed(0))
+    mask = torch.rand(2, generator=g) < 0.5
+    for i in range(2):
+        assert torch.equal(flipped[i], x[i].flip(2) if mask[i] else x[i])
+    cropped = augment(x, 1, False, torch.Generator().manual_seed(1))
+    assert cropped.shape == x.shape and cropped.dtype == torch.uint8
+    for i in range(2):  # each output is a 4x4 window of the zero-padded image
+        padded = torch.nn.functional.pad(x[i], (1, 1, 1, 1))
+        windows = [padded[:, r:r + 4, c:c + 4] for r in range(3) for c in range(3)]
+        assert any(torch.equal(cropped[i], w) for w in windows)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize(("shape", "classes"), [((1, 8, 8), 10), ((3, 32, 32), 100),
-                                                 ((1, 28, 28), 2), ((3, 5, 7), 4)])
-def test_simple_cnn_fits_any_shape(shape, classes):
-    spec = model_spec("simple_cnn", shape, classes, 16, [0.0] * shape[0], [1.0] * shape[0])
+                                                 ((1, 28, 28), 2)])
+def test_every_model_fits_any_shape_and_trains_one_step(name, shape, classes):
+    torch.manual_seed(0)
+    spec = model_spec(name, shape, classes, [0.0] * shape[0], [255.0] * shape[0], width=8)
     model = build(spec)
-    out = model(torch.randint(0, 256, (3, *shape)).float())
-    assert out.shape == (3, classes)
+    x = torch.randint(0, 256, (4, *shape)).float()
+    y = torch.arange(4) % classes
+    out = model(x)
+    assert out.shape == (4, classes)
     assert count_parameters(model) > 0
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

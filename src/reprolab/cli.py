@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except ReprolabError as exc:
         print(f"reprolab {args.stage}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"reprolab {args.stage}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

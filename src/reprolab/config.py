@@ -33,7 +33,7 @@ from reprolab.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 DATASETS = ("digits",)
-MODELS = ("simple_cnn",)
+MODELS = ("simple_cnn", "resnet18", "fast_cnn")
 METRICS = ("accuracy", "f1_macro", "f1_weighted")
 
 Optimizer = Literal["sgd", "adam", "adamw", "rmsprop"]
@@ -65,14 +65,21 @@ class Paths(_Section):
     processed: StrictStr
     models: StrictStr
     reports: StrictStr
+    checkpoints: StrictStr
     mlflow_db: StrictStr
     optuna_journal: StrictStr
+
+
+class Augment(_Section):
+    crop_padding: Int = Field(ge=0)
+    flip: StrictBool
 
 
 class Data(_Section):
     dataset: Literal[DATASETS]
     val_fraction: Fraction
     test_fraction: Fraction
+    augment: Augment
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> Data:
@@ -88,16 +95,35 @@ class Data(_Section):
 class Model(_Section):
     name: Literal[MODELS]
     hidden: Int = Field(ge=1)
+    width: Int = Field(ge=2)
 
 
 class Train(_Section):
     optimizer: Optimizer
     lr: Float = Field(gt=0)
     momentum: Float = Field(ge=0, lt=1)
+    nesterov: StrictBool
+    weight_decay: Float = Field(ge=0)
+    schedule: Literal["constant", "cosine", "onecycle"]
+    warmup_epochs: Float = Field(ge=0)
+    label_smoothing: Float = Field(ge=0, lt=1)
+    early_stopping_patience: Int = Field(ge=0)
     epochs: Int = Field(ge=1)
     batch_size: Int = Field(ge=1)
     use_tuned: StrictBool
     device: StrictStr = Field(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
+    precision: Literal["auto", "fp32", "bf16", "fp16"]
+    compile: StrictBool
+    deterministic: StrictBool
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> Train:
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"train.warmup_epochs = {self.warmup_epochs:g} is not below train.epochs = "
+                f"{self.epochs}; allowed: warmup_epochs < epochs"
+            )
+        return self
 
 
 class Tune(_Section):
@@ -175,6 +201,16 @@ with warnings.catch_warnings():
 
         def report_dir(self, stage: str) -> Path:
             return self._path(self.paths.reports) / stage
+
+        @property
+        def best_params_file(self) -> Path:
+            """tune writes it, train reads it when train.use_tuned."""
+            return self.report_dir("tune") / "best_params.yaml"
+
+        @property
+        def checkpoint_file(self) -> Path:
+            """train's resume checkpoint: not a DVC output, which DVC would delete first."""
+            return self._path(self.paths.checkpoints) / "train.pt"
 
         # ---- stores (never inside a DVC output) ----
 

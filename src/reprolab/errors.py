@@ -22,9 +22,9 @@ class DataError(ReprolabError):
 class TrainingDiverged(ReprolabError):
     """The loss became NaN or infinite."""
 
-    def __init__(self, epoch: int, step: int, loss: float):
+    def __init__(self, epoch: int, step: int):
         super().__init__(
-            f"loss is {loss} at epoch {epoch}, step {step}: training diverged; "
+            f"non-finite loss at epoch {epoch}, step {step}: training diverged; "
             "lower train.lr or change train.optimizer"
         )
-        self.epoch, self.step, self.loss = epoch, step, loss
+        self.epoch, self.step = epoch, step

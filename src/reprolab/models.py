@@ -52,28 +52,85 @@ class SimpleCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-def _simple_cnn(shape: Sequence[int], num_classes: int, hidden: int) -> nn.Module:
-    channels, height, width = shape
-    return SimpleCNN(channels, height, width, num_classes, hidden)
+class ConvGroup(nn.Sequential):
+    """conv -> 2x2 max-pool -> BN -> GELU -> conv -> BN -> GELU, as in the fast CIFAR-10 nets."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.MaxPool2d(2, ceil_mode=True),  # ceil: a 1x1 map stays 1x1 on tiny images
+            nn.BatchNorm2d(cout),
+            nn.GELU(),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.GELU(),
+        )
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"simple_cnn": _simple_cnn}
+class FastCNN(nn.Module):
+    """A small batch-normalised conv net in the spirit of the fastest CIFAR-10 training scripts
+    (airbench): a 2x2 stem, three conv groups of widths w, 4w, 4w, global max-pool, a linear
+    head without bias whose logits are scaled down for a calm start."""
+
+    def __init__(self, channels: int, num_classes: int, width: int):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(channels, width // 2, 2, padding=1), nn.GELU())
+        self.groups = nn.Sequential(
+            ConvGroup(width // 2, width), ConvGroup(width, 4 * width),
+            ConvGroup(4 * width, 4 * width),
+        )
+        self.head = nn.Linear(4 * width, num_classes, bias=False)
+        self.scale = 1 / 9
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.groups(self.stem(x))
+        return self.head(torch.amax(x, dim=(2, 3))) * self.scale
+
+
+def _simple_cnn(spec: dict[str, Any]) -> nn.Module:
+    channels, height, width = spec["shape"]
+    return SimpleCNN(channels, height, width, spec["num_classes"], spec["hidden"])
+
+
+def _resnet18(spec: dict[str, Any]) -> nn.Module:
+    """torchvision's ResNet-18 (random init); a 3x3 stride-1 stem without max-pool for images
+    up to 64 pixels, so that 32x32 inputs keep their resolution."""
+    from torchvision.models import resnet18
+
+    channels, height, width = spec["shape"]
+    net = resnet18(weights=None, num_classes=spec["num_classes"])
+    if max(height, width) <= 64:
+        net.conv1 = nn.Conv2d(channels, 64, 3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    elif channels != 3:
+        net.conv1 = nn.Conv2d(channels, 64, 7, stride=2, padding=3, bias=False)
+    return net
+
+
+def _fast_cnn(spec: dict[str, Any]) -> nn.Module:
+    return FastCNN(spec["shape"][0], spec["num_classes"], spec["width"])
+
+
+MODELS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
+    "simple_cnn": _simple_cnn,
+    "resnet18": _resnet18,
+    "fast_cnn": _fast_cnn,
+}
 
 
 def model_spec(
-    name: str, shape: Sequence[int], num_classes: int, hidden: int, mean: Sequence[float],
-    std: Sequence[float],
+    name: str, shape: Sequence[int], num_classes: int, mean: Sequence[float],
+    std: Sequence[float], hidden: int = 128, width: int = 64,
 ) -> dict[str, Any]:
     """Everything needed to rebuild a model; saved in the checkpoint beside its weights."""
     return {
         "name": name, "shape": list(shape), "num_classes": num_classes, "hidden": hidden,
-        "mean": list(mean), "std": list(std),
+        "width": width, "mean": list(mean), "std": list(std),
     }
 
 
 def build(spec: dict[str, Any]) -> nn.Sequential:
-    body = MODELS[spec["name"]](spec["shape"], spec["num_classes"], spec["hidden"])
-    return nn.Sequential(Normalize(spec["mean"], spec["std"]), body)
+    return nn.Sequential(Normalize(spec["mean"], spec["std"]), MODELS[spec["name"]](spec))
 
 
 def with_probabilities(model: nn.Module) -> nn.Module:

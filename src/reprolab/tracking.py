@@ -76,9 +76,31 @@ def start_run(
     nested: bool = False,
     run_id: str | None = None,
 ) -> Iterator[str]:
-    """A run that ends FINISHED, or FAILED on an exception (KILLED on Ctrl-C); -> its id."""
-    with mlflow.start_run(run_id=run_id, run_name=run_name, tags=tags, nested=nested) as run:
+    """A run that ends FINISHED, FAILED on an exception, or KILLED on Ctrl-C / SIGTERM.
+
+    Nothing is left RUNNING (short of kill -9, after which `reprolab train` resumes the run).
+    """
+    run = mlflow.start_run(run_id=run_id, run_name=run_name, tags=tags, nested=nested)
+    status = "FINISHED"
+    try:
         yield run.info.run_id
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        mlflow.flush_async_logging()  # queued metrics land before the run ends
+        mlflow.end_run(status)
+
+
+def run_exists(run_id: str) -> bool:
+    try:
+        MlflowClient().get_run(run_id)
+    except MlflowException:
+        return False
+    return True
 
 
 def log_params(params: dict[str, Any]) -> None:
@@ -86,8 +108,13 @@ def log_params(params: dict[str, Any]) -> None:
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
-    """One batched call per epoch, never one per step."""
-    mlflow.log_metrics(metrics, step=step)
+    """One batched call per epoch, never one per step; queued, so training does not wait."""
+    mlflow.log_metrics(metrics, step=step, synchronous=False)
+
+
+def flush() -> None:
+    """Wait for queued metrics (before a run ends or its results are read)."""
+    mlflow.flush_async_logging()
 
 
 def set_tags(tags: dict[str, str]) -> None:

@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 from reprolab.config import Config
@@ -19,13 +18,10 @@ from reprolab.io import write_json, write_yaml
 
 log = logging.getLogger(__name__)
 
-BEST_PARAMS_FILE = "best_params.yaml"
 SUMMARY_FILE = "summary.json"
 OBJECTIVE = "val/accuracy"
-
-
-def best_params_path(cfg: Config) -> Path:
-    return cfg.report_dir("tune") / BEST_PARAMS_FILE
+# train knobs that trials do not use or that do not change their results
+NOT_IN_TRIALS = {"optimizer", "lr", "epochs", "use_tuned", "device", "compile"}
 
 
 def study_name(cfg: Config, meta: dict[str, Any]) -> str:
@@ -40,7 +36,7 @@ def study_name(cfg: Config, meta: dict[str, Any]) -> str:
         "model": cfg.model.model_dump(mode="json"),
         "space": [cfg.tune.lr_low, cfg.tune.lr_high, list(cfg.tune.optimizers)],
         "epochs": cfg.tune.epochs,
-        "train": [cfg.train.batch_size, cfg.train.momentum],
+        "train": cfg.train.model_dump(mode="json", exclude=NOT_IN_TRIALS),
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     return f"{cfg.tune.study}-{digest[:10]}"
@@ -69,14 +65,12 @@ def run(cfg: Config) -> dict[str, Any]:
     from reprolab.data import load_training_data
     from reprolab.engine import fit, seed_everything, select_device
     from reprolab.errors import ReprolabError, TrainingDiverged
-    from reprolab.models import build, model_spec
+    from reprolab.models import build
+    from reprolab.train import hyper_for, short_lr, spec_for
 
     device = select_device(cfg.train.device)
     meta, train_split, val_split = load_training_data(cfg.processed_dir, device)
-    spec = model_spec(
-        cfg.model.name, meta["shape"], meta["num_classes"], cfg.model.hidden, meta["mean"],
-        meta["std"],
-    )
+    spec = spec_for(cfg, meta)
     pruner = (
         optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
         if cfg.tune.pruner == "median"
@@ -100,8 +94,9 @@ def run(cfg: Config) -> dict[str, Any]:
         optimizer = trial.suggest_categorical("optimizer", list(cfg.tune.optimizers))
         seed_everything(cfg.seed)
         model = build(spec).to(device)
+        hyper = hyper_for(cfg, optimizer, lr, cfg.tune.epochs, device)
         pruned = False
-        run_name = f"trial-{trial.number}-{optimizer}-lr{lr:.1e}"
+        run_name = f"trial-{trial.number}-{optimizer}-lr{short_lr(lr)}"
         try:
             with tracking.start_run(run_name, {"optuna.trial": str(trial.number)}, nested=True):
                 tracking.log_params({"lr": lr, "optimizer": optimizer, "epochs": cfg.tune.epochs})
@@ -119,11 +114,7 @@ def run(cfg: Config) -> dict[str, Any]:
                         raise optuna.TrialPruned()
 
                 try:
-                    result = fit(
-                        model, train_split, val_split, optimizer=optimizer, lr=lr,
-                        momentum=cfg.train.momentum, epochs=cfg.tune.epochs,
-                        batch_size=cfg.train.batch_size, seed=cfg.seed, on_epoch=on_epoch,
-                    )
+                    result = fit(model, train_split, val_split, hyper, on_epoch=on_epoch)
                 except optuna.TrialPruned:
                     pruned = True
                     tracking.set_tags({"optuna.state": "PRUNED"})
@@ -173,7 +164,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "epochs_spent": epochs_spent,
         "wall_seconds": round(time.perf_counter() - started, 3),
     }
-    write_yaml(best_params_path(cfg), {"optimizer": best.params["optimizer"],
+    write_yaml(cfg.best_params_file, {"optimizer": best.params["optimizer"],
                                        "lr": float(best.params["lr"])})
     write_json(cfg.report_dir("tune") / SUMMARY_FILE, summary)
     return summary
