@@ -22,8 +22,9 @@ $(STAMP):
 run: setup
 	dvc repro
 
+# The end-to-end module runs on one worker while the rest of the suite runs on the other.
 test: setup
-	pytest
+	pytest -n auto --dist loadfile
 
 ui: setup
 	mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import mlflow
 import numpy as np
@@ -98,7 +99,7 @@ def test_train_evaluate_register_on_one_run(project):
     loaded = mlflow.pytorch.load_model(result.model_uri)
     with torch.no_grad():
         got = loaded(raw).numpy()
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got, expected)  # exactly what the in-memory model says
     np.testing.assert_allclose(got.sum(1), 1.0, rtol=1e-5)
 
     # evaluate: metrics.json agrees with the predictions it wrote, and lands on the run
@@ -138,6 +139,25 @@ def test_train_evaluate_register_on_one_run(project):
     assert "does not beat champion v1" in decision["reason"]
     champion = MlflowClient().get_model_version_by_alias("pipeline-test", "champion")
     assert str(champion.version) == "1"
+
+
+def test_evaluate_and_register_refuse_a_run_missing_from_the_store(project):
+    from reprolab.errors import DataError
+
+    cfg = project("tracking.experiment=missing-run", "train.epochs=1")
+    train.run(cfg)
+    run_file = cfg.models_dir / "run.json"
+    info = read_json(run_file)
+    info["run_id"] = "0" * 32  # as if the store was deleted after training
+    run_file.write_text(json.dumps(info))
+    with pytest.raises(DataError, match=r"training run 0{32} is not in the MLflow store"):
+        evaluate.run(cfg)
+    assert not cfg.report_dir("evaluate").exists()  # nothing written
+    (cfg.report_dir("evaluate")).mkdir(parents=True)
+    (cfg.report_dir("evaluate") / "metrics.json").write_text('{"f1_macro": 0.5}')
+    with pytest.raises(DataError, match="is not in the MLflow store"):
+        register.run(cfg)
+    assert not cfg.report_dir("register").exists()
 
 
 def test_train_with_use_tuned_reads_best_params(project):

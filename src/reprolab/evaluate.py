@@ -88,6 +88,9 @@ def run(cfg: Config) -> dict[str, float]:
     meta = load_meta(cfg.processed_dir)
     test = load_split(cfg.processed_dir, "test")
     model, _ = load_checkpoint(cfg.models_dir)
+    run_info = read_json(cfg.models_dir / RUN_FILE)
+    tracking.configure(cfg)
+    tracking.require_training_run(run_info, cfg.models_dir / RUN_FILE)
     probs = predict_proba(model, test.x, cfg.evaluate.batch_size)
     y_true, y_pred = test.y.numpy(), probs.argmax(1).numpy()
     classes = meta["classes"]
@@ -99,10 +102,8 @@ def run(cfg: Config) -> dict[str, float]:
     write_text(out / PREDICTIONS_FILE, predictions_csv(y_true, y_pred, classes))
     write_confusion_png(out / CONFUSION_PNG, y_true, y_pred, classes)
 
-    run_id = read_json(cfg.models_dir / RUN_FILE)["run_id"]
-    tracking.configure(cfg)
     tracking.log_to_run(
-        run_id,
+        run_info["run_id"],
         {f"test/{k}": v for k, v in metrics.items()},
         [out / name for name in (METRICS_FILE, PER_CLASS_FILE, CONFUSION_PNG)],
         artifact_path="evaluate",

@@ -53,6 +53,7 @@ def run(cfg: Config) -> dict[str, Any]:
     data_hash = run_info["tags"][DATA_TAG]
 
     tracking.configure(cfg)
+    tracking.require_training_run(run_info, cfg.models_dir / RUN_FILE)
     tags = {
         **run_info["tags"],
         "training_run_id": run_info["run_id"],

@@ -239,7 +239,10 @@ def main(cfg: Config, args: Any) -> None:
         raise ConfigError("train.device = 'mps': MPS is not available here")
     # SIGTERM ends the run KILLED like Ctrl-C; the last epoch's checkpoint stays for resuming.
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    result = run(cfg, progress=not args.quiet)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():  # log lines print above the progress bar, not through it
+        result = run(cfg, progress=not args.quiet)
     last = result.history[-1]
     print(
         f"train: run {result.run_id}  val/accuracy {last['val/accuracy']:.4f}  "
