@@ -129,6 +129,35 @@ def test_temp_experiment_writes_into_the_same_store(repro):
     assert runs[0].data.tags.get("dvc.exp_name")
     assert "test/f1_macro" in runs[0].data.metrics  # evaluate ran there too
     assert not list((dest / ".dvc" / "tmp").rglob("mlflow.db"))
+    # one epoch from untuned params is worse: registered as challenger, champion unchanged
+    by_run = {v.run_id: v for v in client.search_model_versions("name = 'reprolab-classifier'")}
+    version = by_run[runs[0].info.run_id].version
+    assert client.get_model_version("reprolab-classifier", version).aliases == ["challenger"]
+    champion = client.get_model_version_by_alias("reprolab-classifier", "champion")
+    assert str(champion.version) == "1"
+
+
+def test_predict_names_the_right_digits(repro, tmp_path):
+    from PIL import Image
+
+    from reprolab.data import load_split
+    from reprolab.train import load_checkpoint
+
+    dest, env, _, _ = repro
+    test = load_split(dest / "data/processed", "test")
+    paths = []
+    for i in range(10):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(test.x[i, 0].numpy(), "L").save(paths[-1])
+    out = sh("reprolab", "predict", "-q", "--model", "models:/reprolab-classifier@champion",
+             *map(str, paths), cwd=dest, env=env).stdout.splitlines()
+    labels = [line.split()[1] for line in out[1:]]
+    model, _ = load_checkpoint(dest / "models")  # the champion's weights, read independently
+    expected = [str(int(i)) for i in model(test.x[:10].float()).argmax(1)]
+    assert labels == expected
+    truth = [str(int(y)) for y in test.y[:10]]
+    # a 3-epoch model from the tiny test params; `make run`'s model gets about 99%
+    assert sum(a == b for a, b in zip(labels, truth, strict=True)) >= 7, (labels, truth)
 
 
 def test_mlflow_run_entry_point(repro):

@@ -13,7 +13,7 @@ def test_classification_metrics_match_hand_computed_values():
     # class 0: tp=2 fp=1 fn=0; class 1: tp=1 fp=0 fn=1; class 2: tp=1 fp=0 fn=0
     y_true = np.array([0, 0, 1, 1, 2])
     y_pred = np.array([0, 0, 0, 1, 2])
-    m = classification_metrics(y_true, y_pred)
+    m = classification_metrics(y_true, np.eye(3)[y_pred])
     p = [2 / 3, 1.0, 1.0]
     r = [1.0, 0.5, 1.0]
     f1 = [2 * a * b / (a + b) for a, b in zip(p, r, strict=True)]  # 0.8, 2/3, 1
@@ -22,6 +22,19 @@ def test_classification_metrics_match_hand_computed_values():
     assert m["recall_macro"] == pytest.approx(sum(r) / 3)
     assert m["f1_macro"] == pytest.approx(sum(f1) / 3)
     assert m["f1_weighted"] == pytest.approx((2 * f1[0] + 2 * f1[1] + 1 * f1[2]) / 5)
+    assert "top5_accuracy" not in m  # only with more than 5 classes
+
+
+def test_top5_accuracy_by_hand():
+    # 7 classes; the true class ranks 1st, 5th and 6th for the three samples.
+    probs = np.array([
+        [0.70, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05],
+        [0.30, 0.25, 0.20, 0.15, 0.06, 0.03, 0.01],
+        [0.30, 0.25, 0.20, 0.15, 0.06, 0.03, 0.01],
+    ])
+    m = classification_metrics(np.array([0, 4, 5]), probs)
+    assert m["top5_accuracy"] == pytest.approx(2 / 3)
+    assert m["accuracy"] == pytest.approx(1 / 3)
 
 
 def test_per_class_report_includes_classes_never_predicted():

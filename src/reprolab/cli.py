@@ -21,6 +21,10 @@ STAGES = {
     "evaluate": ("reprolab.evaluate", "test-split metrics and confusion matrix"),
     "register": ("reprolab.register", "register the model; move @champion if it is better"),
 }
+# Commands that are not pipeline stages.
+TOOLS = {
+    "predict": ("reprolab.predict", "class and probability for image files or directories"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Reproducible training of PyTorch image classifiers (DVC, MLflow, Optuna).",
     )
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    for stage, (_, help_text) in STAGES.items():
+    for stage, (_, help_text) in {**STAGES, **TOOLS}.items():
         p = sub.add_parser(stage, help=help_text, description=help_text)
         p.add_argument("--params", default="params.yaml", metavar="PATH",
                        help="params file (default: params.yaml)")
@@ -39,31 +43,35 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--overrides", dest="override_list", default="", metavar="'K=V K=V'",
                        help="several overrides in one string (for MLproject parameters)")
         p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    predict = sub.choices["predict"]
+    predict.add_argument("--model", metavar="URI",
+                         help="model URI (default: models:/<register.model_name>@champion)")
+    predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    predict.add_argument("paths", nargs="*", metavar="PATH", help="image files or directories")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    level = logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger().setLevel(level)  # also when logging was set up before (tests, embeds)
     from reprolab.config import load_config
     from reprolab.errors import ReprolabError
 
     overrides = [*shlex.split(args.override_list), *args.overrides]
     try:
         cfg = load_config(args.params, overrides)  # before any work: a bad value writes nothing
-        module = importlib.import_module(STAGES[args.stage][0])
-        module.main(cfg, args)
+        module = importlib.import_module({**STAGES, **TOOLS}[args.stage][0])
+        code = module.main(cfg, args)
     except ReprolabError as exc:
         print(f"reprolab {args.stage}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"reprolab {args.stage}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -231,13 +231,23 @@ with warnings.catch_warnings():
             return f"sqlite:///{self.store_root / self.paths.mlflow_db}"
 
         @property
-        def mlflow_artifact_root(self) -> Path | None:
-            """Artifacts of an embedded (sqlite) store live beside its database; a server
-            chooses its own."""
+        def mlflow_store_dir(self) -> Path | None:
+            """The folder of an embedded (sqlite) MLflow store; None for a server."""
             uri = self.mlflow_uri
             if not uri.startswith("sqlite:///"):
                 return None
-            return Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
+            return Path(uri.removeprefix("sqlite:///")).parent
+
+        @property
+        def mlflow_artifact_root(self) -> Path | None:
+            """Artifacts of an embedded store live beside its database; a server chooses."""
+            store = self.mlflow_store_dir
+            return store / "mlartifacts" if store else None
+
+        @property
+        def registry_lock_file(self) -> Path:
+            """Serialises champion decisions of processes that share this machine's store."""
+            return (self.mlflow_store_dir or self.store_root) / ".reprolab-registry.lock"
 
         @property
         def optuna_journal(self) -> Path:

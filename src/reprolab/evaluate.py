@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -18,13 +19,25 @@ METRICS_FILE = "metrics.json"
 PER_CLASS_FILE = "per_class.json"
 PREDICTIONS_FILE = "predictions.csv"
 CONFUSION_PNG = "confusion_matrix.png"
+MISCLASSIFIED_PNG = "misclassified.png"
 
 
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
-    """Accuracy, macro and weighted F1, macro precision and recall (pure, scikit-learn)."""
-    from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
+def classification_metrics(
+    y_true: np.ndarray, probs: np.ndarray
+) -> dict[str, float]:
+    """Accuracy, macro and weighted F1, macro precision and recall, and top-5 accuracy when
+    there are more than 5 classes (pure, scikit-learn). `probs` is N x K."""
+    from sklearn.metrics import (
+        accuracy_score,
+        f1_score,
+        precision_score,
+        recall_score,
+        top_k_accuracy_score,
+    )
 
-    return {
+    y_pred = probs.argmax(1)
+    num_classes = probs.shape[1]
+    metrics = {
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "f1_macro": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
         "f1_weighted": float(f1_score(y_true, y_pred, average="weighted", zero_division=0)),
@@ -33,6 +46,11 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, 
         ),
         "recall_macro": float(recall_score(y_true, y_pred, average="macro", zero_division=0)),
     }
+    if num_classes > 5:
+        metrics["top5_accuracy"] = float(
+            top_k_accuracy_score(y_true, probs, k=5, labels=list(range(num_classes)))
+        )
+    return metrics
 
 
 def per_class_report(
@@ -79,6 +97,35 @@ def write_confusion_png(path: Any, y_true: np.ndarray, y_pred: np.ndarray, class
     plt.close(fig)
 
 
+def write_misclassified_png(
+    path: Any, images: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, classes: list[str],
+    limit: int = 36,
+) -> int:
+    """A grid of misclassified test images titled `true -> predicted`; -> how many shown."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    wrong = np.flatnonzero(y_true != y_pred)[:limit]
+    cols = max(1, min(6, len(wrong)))
+    rows = max(1, -(-len(wrong) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, wrong, strict=False):
+        image = images[i].transpose(1, 2, 0)  # C x H x W -> H x W x C
+        ax.imshow(image[..., 0] if image.shape[2] == 1 else image, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"{classes[y_true[i]]} -> {classes[y_pred[i]]}", fontsize=8)
+    if not len(wrong):
+        axes.flat[0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return len(wrong)
+
+
 def run(cfg: Config) -> dict[str, float]:
     from reprolab import tracking
     from reprolab.data import load_meta, load_split
@@ -91,21 +138,25 @@ def run(cfg: Config) -> dict[str, float]:
     run_info = read_json(cfg.models_dir / RUN_FILE)
     tracking.configure(cfg)
     tracking.require_training_run(run_info, cfg.models_dir / RUN_FILE)
-    probs = predict_proba(model, test.x, cfg.evaluate.batch_size)
-    y_true, y_pred = test.y.numpy(), probs.argmax(1).numpy()
+    started = time.perf_counter()
+    probs = predict_proba(model, test.x, cfg.evaluate.batch_size).numpy()
+    throughput = len(test) / (time.perf_counter() - started)
+    y_true, y_pred = test.y.numpy(), probs.argmax(1)
     classes = meta["classes"]
 
-    metrics = classification_metrics(y_true, y_pred)
+    metrics = classification_metrics(y_true, probs)
     out = cfg.report_dir("evaluate")
     write_json(out / METRICS_FILE, metrics)
     write_json(out / PER_CLASS_FILE, per_class_report(y_true, y_pred, classes))
     write_text(out / PREDICTIONS_FILE, predictions_csv(y_true, y_pred, classes))
     write_confusion_png(out / CONFUSION_PNG, y_true, y_pred, classes)
+    write_misclassified_png(out / MISCLASSIFIED_PNG, test.x.numpy(), y_true, y_pred, classes)
 
+    # Throughput is logged, not put in metrics.json: it is noise in `dvc metrics diff`.
     tracking.log_to_run(
         run_info["run_id"],
-        {f"test/{k}": v for k, v in metrics.items()},
-        [out / name for name in (METRICS_FILE, PER_CLASS_FILE, CONFUSION_PNG)],
+        {**{f"test/{k}": v for k, v in metrics.items()}, "test/images_per_second": throughput},
+        [out / name for name in (METRICS_FILE, PER_CLASS_FILE, CONFUSION_PNG, MISCLASSIFIED_PNG)],
         artifact_path="evaluate",
     )
     log.info("evaluate: %s", metrics)

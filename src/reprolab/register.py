@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 from reprolab.config import Config
-from reprolab.io import read_json, write_json
+from reprolab.io import file_lock, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +59,19 @@ def run(cfg: Config) -> dict[str, Any]:
         "training_run_id": run_info["run_id"],
         **{f"test/{k}": f"{v:.6f}" for k, v in metrics.items()},
     }
-    version = tracking.register_version(name, run_info["model_uri"], run_info["run_id"], tags)
-    champion = tracking.alias_version(name, CHAMPION)
-    if champion is not None and champion["version"] == version:
-        promote, reason = True, f"v{version} is already the champion"
-    else:
-        promote, reason = decide(metric, value, data_hash, champion, cfg.register.min_delta)
-    alias = CHAMPION if promote else CHALLENGER
-    tracking.set_alias(name, alias, version)
+    # Read-decide-write under one lock, so that two registrations at once cannot both promote
+    # against the same old champion.
+    with file_lock(cfg.registry_lock_file):
+        version = tracking.register_version(
+            name, run_info["model_uri"], run_info["run_id"], tags
+        )
+        champion = tracking.alias_version(name, CHAMPION)
+        if champion is not None and champion["version"] == version:
+            promote, reason = True, f"v{version} is already the champion"
+        else:
+            promote, reason = decide(metric, value, data_hash, champion, cfg.register.min_delta)
+        alias = CHAMPION if promote else CHALLENGER
+        tracking.set_alias(name, alias, version)
     decision = {
         "model_name": name,
         "version": version,

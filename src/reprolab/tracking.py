@@ -148,7 +148,7 @@ def log_dataset(features: Any, targets: Any, name: str, source: Path, digest: st
     mlflow.log_input(dataset, context="training")
 
 
-def log_model(model: Any, input_example: Any) -> str:
+def log_model(model: Any, input_example: Any, classes: list[str]) -> str:
     """Log a model that takes raw pixels and returns probabilities; -> its model URI.
 
     MLflow stores it with torch.export (`pt2`), whose loading runs no pickled code.
@@ -167,12 +167,23 @@ def log_model(model: Any, input_example: Any) -> str:
         input_example=input_example,
         serialization_format="pt2",
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        metadata={"classes": list(classes)},
     )
     return info.model_uri
 
 
-def load_model(model_uri: str) -> Any:
-    return mlflow.pytorch.load_model(model_uri)
+def load_classifier(model_uri: str) -> tuple[Any, tuple[int, ...], list[str]]:
+    """-> (model, input shape C x H x W, class names) of a logged or registered model."""
+    from reprolab.errors import DataError
+
+    try:
+        info = mlflow.models.get_model_info(model_uri)
+        model = mlflow.pytorch.load_model(model_uri)
+    except MlflowException as exc:
+        raise DataError(f"--model {model_uri}: {str(exc).splitlines()[0]}") from None
+    shape = tuple(info.signature.inputs.inputs[0].shape[1:])
+    classes = (info.metadata or {}).get("classes") or []  # models logged without names
+    return model, shape, classes
 
 
 def log_to_run(

@@ -193,7 +193,7 @@ def run(cfg: Config, progress: bool = False) -> TrainResult:
                      state=resume, save_state=save_state, progress=progress)
         model = model.cpu().eval()
         example = val_split.x[:4].cpu().numpy().astype(np.float32)
-        model_uri = tracking.log_model(with_probabilities(model), example)
+        model_uri = tracking.log_model(with_probabilities(model), example, meta["classes"])
         tracking.set_tags({"best_epoch": str(result.best_epoch)})
         run_info = {"run_id": run_id, "model_uri": model_uri, "tracking_uri": cfg.mlflow_uri,
                     "tags": tags}
