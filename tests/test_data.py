@@ -71,7 +71,7 @@ def test_splits_are_disjoint_and_identical_for_the_same_seed():
 
 def test_too_few_images_in_a_class_is_a_clear_error():
     labels = np.array([0] * 20 + [1] * 2)
-    with pytest.raises(DataError, match="class 1 has 2 images"):
+    with pytest.raises(DataError, match="class '1' has 2 images"):
         preprocess.stratified_split(labels, 0.15, 0.2, seed=0)
 
 
@@ -98,6 +98,13 @@ def test_missing_raw_file_and_missing_manifest_are_named(make_config):
     (raw / MANIFEST).unlink()
     with pytest.raises(DataError, match="manifest not found"):
         preprocess.run(cfg)
+
+
+def test_too_small_splits_are_a_clear_error():
+    labels = np.repeat(np.arange(10), 5)  # 50 images: a 10% validation split holds 5 < 10
+    with pytest.raises(DataError, match=r"cannot split 50 images of 10 classes with "
+                                        r"data.val_fraction = 0.1"):
+        preprocess.stratified_split(labels, 0.1, 0.0, seed=0)
 
 
 def test_loading_before_preprocess_says_what_to_run(tmp_path):

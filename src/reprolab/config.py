@@ -32,7 +32,7 @@ from pydantic import (
 from reprolab.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
-DATASETS = ("digits",)
+DATASETS = ("digits", "mnist", "fashion_mnist", "kmnist", "cifar10", "cifar100", "imagefolder")
 MODELS = ("simple_cnn", "resnet18", "fast_cnn")
 METRICS = ("accuracy", "f1_macro", "f1_weighted")
 
@@ -71,12 +71,19 @@ class Paths(_Section):
 
 
 class Augment(_Section):
-    crop_padding: Int = Field(ge=0)
-    flip: StrictBool
+    """null: the dataset's default (random crop with 4 pixels of padding and flips for CIFAR,
+    nothing for the digit sets and your own folders)."""
+
+    crop_padding: Int | None = Field(ge=0)
+    flip: StrictBool | None
 
 
 class Data(_Section):
     dataset: Literal[DATASETS]
+    image_folder: StrictStr | None
+    channels: Literal[1, 3] | None
+    image_size: Int | None = Field(ge=4)
+    skip_bad_images: StrictBool
     val_fraction: Fraction
     test_fraction: Fraction
     augment: Augment
@@ -89,7 +96,28 @@ class Data(_Section):
                 f"{self.val_fraction + self.test_fraction:g}; "
                 "allowed: a sum below 1, so that training keeps data"
             )
+        if self.dataset == "imagefolder" and not self.image_folder:
+            raise ValueError(
+                "data.image_folder: required when data.dataset is 'imagefolder' "
+                "(a folder with one subfolder of images per class)"
+            )
         return self
+
+    @property
+    def has_official_test(self) -> bool:
+        return self.dataset not in ("digits", "imagefolder")
+
+    @property
+    def crop_padding(self) -> int:
+        if self.augment.crop_padding is not None:
+            return self.augment.crop_padding
+        return 4 if self.dataset.startswith("cifar") else 0
+
+    @property
+    def flip(self) -> bool:
+        if self.augment.flip is not None:
+            return self.augment.flip
+        return self.dataset.startswith("cifar")
 
 
 class Model(_Section):

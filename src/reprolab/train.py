@@ -90,7 +90,7 @@ def hyper_for(cfg: Config, optimizer: str, lr: float, epochs: int, device: torch
         schedule=t.schedule, warmup_epochs=min(t.warmup_epochs, epochs - 1),
         label_smoothing=t.label_smoothing, patience=t.early_stopping_patience,
         precision=select_precision(t.precision, device), compile=t.compile,
-        crop_padding=cfg.data.augment.crop_padding, flip=cfg.data.augment.flip, seed=cfg.seed,
+        crop_padding=cfg.data.crop_padding, flip=cfg.data.flip, seed=cfg.seed,
     )
 
 

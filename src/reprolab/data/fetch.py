@@ -1,4 +1,9 @@
-"""fetch stage: raw files of the configured dataset into <paths.raw>/<dataset>/ + manifest.json."""
+"""fetch stage: raw files of the configured dataset into <paths.raw>/<dataset>/ + manifest.json.
+
+digits and your own folders are written to a temp folder and renamed into place. torchvision's
+sets live in torchvision's layout and are completed in place: files already there (placed by
+hand on an offline machine) are kept, and only missing ones are downloaded.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from reprolab.config import Config
-from reprolab.data import MANIFEST, digits
+from reprolab.data import MANIFEST, digits, imagefolder, torchvision_sets
 from reprolab.io import atomic_dir, sha256_file, write_json
-
-FETCHERS = {"digits": digits.fetch}
 
 
 def build_manifest(root: Path, dataset: str) -> dict[str, Any]:
@@ -24,11 +27,19 @@ def build_manifest(root: Path, dataset: str) -> dict[str, Any]:
 
 
 def run(cfg: Config) -> Path:
-    dest = cfg.raw_dir
+    dest, dataset = cfg.raw_dir, cfg.data.dataset
+    if dataset in torchvision_sets.SPECS:
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / MANIFEST).unlink(missing_ok=True)  # no manifest while files may change
+        torchvision_sets.fetch(dataset, dest)
+        write_json(dest / MANIFEST, build_manifest(dest, dataset))
+        return dest
     with atomic_dir(dest) as tmp:
-        FETCHERS[cfg.data.dataset](tmp)
-        manifest = build_manifest(tmp, cfg.data.dataset)
-        write_json(tmp / MANIFEST, manifest)
+        if dataset == "digits":
+            digits.fetch(tmp)
+        else:
+            imagefolder.fetch(cfg.data.image_folder, tmp)
+        write_json(tmp / MANIFEST, build_manifest(tmp, dataset))
     return dest
 
 

@@ -9,12 +9,12 @@ from typing import Any
 import numpy as np
 
 from reprolab.config import Config
-from reprolab.data import MANIFEST, META, SPLITS, digits
+from reprolab.data import MANIFEST, META, SPLITS, digits, imagefolder, torchvision_sets
 from reprolab.errors import DataError
 from reprolab.io import atomic_dir, read_json, sha256_file, write_json
 
 log = logging.getLogger(__name__)
-READERS = {"digits": digits.read}
+REPORT_FILE = "report.json"
 
 
 def verify_manifest(raw_dir: Path) -> str:
@@ -37,34 +37,74 @@ def verify_manifest(raw_dir: Path) -> str:
 
 
 def stratified_split(
-    labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int
+    labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int,
+    classes: list[str] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Seeded, stratified train/val/test indices (each sorted, so files are stable)."""
+    """Seeded, stratified train/val/test indices, each sorted so that files are stable.
+
+    `test_fraction` 0 leaves the test split empty (the dataset brings its own).
+    """
     from sklearn.model_selection import train_test_split
 
     index = np.arange(len(labels))
-    counts = np.bincount(labels)
-    if counts.min() < 3:
+    counts = np.bincount(labels, minlength=len(classes) if classes else 0)
+    need = 3 if test_fraction else 2
+    if counts.min() < need:
+        worst = int(counts.argmin())
+        name = classes[worst] if classes else str(worst)
         raise DataError(
-            f"class {int(counts.argmin())} has {int(counts.min())} images; "
-            "each class needs at least 3 for train/val/test splits"
+            f"class {name!r} has {int(counts.min())} images; each class needs at least {need} "
+            "for the train/val/test splits"
         )
-    rest, test = train_test_split(
-        index, test_size=test_fraction, stratify=labels, random_state=seed
-    )
-    val_share = val_fraction / (1.0 - test_fraction)
-    train, val = train_test_split(
-        rest, test_size=val_share, stratify=labels[rest], random_state=seed
-    )
+    rest, test = index, index[:0]
+    try:
+        if test_fraction:
+            rest, test = train_test_split(
+                index, test_size=test_fraction, stratify=labels, random_state=seed
+            )
+        val_share = val_fraction / (1.0 - test_fraction)
+        train, val = train_test_split(
+            rest, test_size=val_share, stratify=labels[rest], random_state=seed
+        )
+    except ValueError as exc:  # too few images for one of each class in every split
+        raise DataError(
+            f"cannot split {len(labels)} images of {len(counts)} classes with "
+            f"data.val_fraction = {val_fraction:g} and data.test_fraction = {test_fraction:g}: "
+            f"{exc}; raise the fractions or add images"
+        ) from None
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
 
 
-def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 images N x C x H x W, in pixel units (0..255)."""
-    as_float = images.astype(np.float64)
-    mean = as_float.mean(axis=(0, 2, 3))
-    std = as_float.std(axis=(0, 2, 3))
+def channel_stats(
+    images: np.ndarray, index: np.ndarray, chunk: int = 2048
+) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of images[index] (uint8 N x C x H x W) in pixel units, summed
+    in chunks so that memory stays flat however many images there are."""
+    total = np.zeros(images.shape[1])
+    squares = np.zeros(images.shape[1])
+    for start in range(0, len(index), chunk):
+        block = images[index[start : start + chunk]].astype(np.float64)
+        total += block.sum(axis=(0, 2, 3))
+        squares += np.square(block).sum(axis=(0, 2, 3))
+    count = len(index) * images.shape[2] * images.shape[3]
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
     return mean.tolist(), np.maximum(std, 1e-6).tolist()
+
+
+def read_raw(cfg: Config, raw_dir: Path):
+    """-> (images, labels, official test images or None, their labels, classes, skipped)."""
+    dataset = cfg.data.dataset
+    if dataset == "digits":
+        images, labels, classes = digits.read(raw_dir)
+        return images, labels, None, None, classes, []
+    if dataset == "imagefolder":
+        images, labels, classes, skipped = imagefolder.read(
+            raw_dir, cfg.data.channels, cfg.data.image_size, cfg.data.skip_bad_images
+        )
+        return images, labels, None, None, classes, skipped
+    images, labels, test_x, test_y, classes = torchvision_sets.read(dataset, raw_dir)
+    return images, labels, test_x, test_y, classes, []
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -77,9 +117,14 @@ def run(cfg: Config) -> dict[str, Any]:
         raise DataError(
             f"{raw_dir / MANIFEST}: holds dataset {dataset!r}, params say {cfg.data.dataset!r}"
         )
-    images, labels, classes = READERS[dataset](raw_dir)
-    index = stratified_split(labels, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
-    mean, std = channel_stats(images[index["train"]])
+    images, labels, test_x, test_y, classes, skipped = read_raw(cfg, raw_dir)
+    official = test_x is not None
+    index = stratified_split(labels, cfg.data.val_fraction,
+                             0.0 if official else cfg.data.test_fraction, cfg.seed, classes)
+    mean, std = channel_stats(images, index["train"])
+    sizes = {name: len(index[name]) for name in SPLITS}
+    if official:
+        sizes["test"] = len(test_y)
     meta = {
         "dataset": dataset,
         "classes": classes,
@@ -87,21 +132,25 @@ def run(cfg: Config) -> dict[str, Any]:
         "shape": list(images.shape[1:]),
         "mean": mean,
         "std": std,
-        "sizes": {name: len(index[name]) for name in SPLITS},
+        "sizes": sizes,
+        "official_test_split": official,
         "manifest_sha256": manifest_hash,
         "seed": cfg.seed,
     }
     with atomic_dir(cfg.processed_dir) as tmp:
-        for name in SPLITS:
-            blob = {
-                "x": torch.from_numpy(np.ascontiguousarray(images[index[name]])),
-                "y": torch.from_numpy(labels[index[name]]),
-            }
-            torch.save(blob, tmp / f"{name}.pt")
+        for name in SPLITS:  # one split in memory at a time
+            if name == "test" and official:
+                x, y = test_x, test_y
+            else:
+                x, y = images[index[name]], labels[index[name]]
+            torch.save({"x": torch.from_numpy(np.ascontiguousarray(x)),
+                        "y": torch.from_numpy(np.ascontiguousarray(y))}, tmp / f"{name}.pt")
+            del x, y
         write_json(tmp / META, meta)
+    write_json(cfg.report_dir("preprocess") / REPORT_FILE,
+               {"sizes": sizes, "skipped_files": skipped, "official_test_split": official})
     log.info("preprocess: %s -> %s", meta["sizes"], cfg.processed_dir)
     return meta
-
 
 def main(cfg: Config, args: Any) -> None:
     meta = run(cfg)
