@@ -46,13 +46,10 @@ def load_image(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     """-> float32 C x H x W, pixel values 0..255, as the model takes them."""
     from PIL import Image
 
-    channels, height, width = shape
+    from reprolab.data.imagefolder import to_pixels
+
     with Image.open(path) as image:
-        image = image.convert("L" if channels == 1 else "RGB")
-        if image.size != (width, height):
-            image = image.resize((width, height), Image.Resampling.BILINEAR)
-        pixels = np.asarray(image, dtype=np.float32)
-    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+        return to_pixels(image, *shape).astype(np.float32)
 
 
 def run(model_uri: str, paths: list[str], cfg: Config | None = None) -> list[Prediction]:

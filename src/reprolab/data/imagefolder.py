@@ -30,6 +30,20 @@ def fetch(source: str | None, dest: Path) -> None:
                     ignore=shutil.ignore_patterns(".*"))
 
 
+def to_pixels(image, channels: int, height: int, width: int) -> np.ndarray:
+    """A PIL image -> uint8 C x H x W with the channel count and size a model takes.
+
+    preprocess and `reprolab predict` both use it, so a served image is prepared exactly like
+    the training images were."""
+    from PIL import Image
+
+    image = image.convert("L" if channels == 1 else "RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.BILINEAR)
+    pixels = np.asarray(image, dtype=np.uint8)
+    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+
+
 def list_files(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
     """-> ([(file, class index)], class names): sorted, hidden files left out."""
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -89,14 +103,10 @@ def read(
     for path, label in good:
         try:
             with Image.open(path) as image:
-                image = image.convert("L" if channels == 1 else "RGB")
-                if image.size != (width, height):
-                    image = image.resize((width, height), Image.Resampling.BILINEAR)
-                pixels = np.asarray(image, dtype=np.uint8)
+                images[kept] = to_pixels(image, channels, height, width)
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             bad(path, f"cannot be decoded ({type(exc).__name__}: {exc})")
             continue
-        images[kept] = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
         labels[kept] = label
         kept += 1
     return images[:kept], labels[:kept], classes, skipped

@@ -152,6 +152,7 @@ def run(cfg: Config) -> dict[str, Any]:
     log.info("preprocess: %s -> %s", meta["sizes"], cfg.processed_dir)
     return meta
 
+
 def main(cfg: Config, args: Any) -> None:
     meta = run(cfg)
     print(f"preprocess: {meta['dataset']} {meta['sizes']} -> {cfg.processed_dir}")
