@@ -25,6 +25,7 @@ STAGES = {
 TOOLS = {
     "predict": ("reprolab.predict", "class and probability for image files or directories"),
 }
+COMMANDS = {**STAGES, **TOOLS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Reproducible training of PyTorch image classifiers (DVC, MLflow, Optuna).",
     )
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    for stage, (_, help_text) in {**STAGES, **TOOLS}.items():
+    for stage, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(stage, help=help_text, description=help_text)
         p.add_argument("--params", default="params.yaml", metavar="PATH",
                        help="params file (default: params.yaml)")
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [*shlex.split(args.override_list), *args.overrides]
     try:
         cfg = load_config(args.params, overrides)  # before any work: a bad value writes nothing
-        module = importlib.import_module({**STAGES, **TOOLS}[args.stage][0])
+        module = importlib.import_module(COMMANDS[args.stage][0])
         code = module.main(cfg, args)
     except ReprolabError as exc:
         print(f"reprolab {args.stage}: error: {exc}", file=sys.stderr)

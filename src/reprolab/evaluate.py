@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from reprolab.config import Config
-from reprolab.io import atomic_path, read_json, write_json, write_text
+from reprolab.io import atomic_path, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -130,14 +130,12 @@ def run(cfg: Config) -> dict[str, float]:
     from reprolab import tracking
     from reprolab.data import load_meta, load_split
     from reprolab.engine import predict_proba
-    from reprolab.train import RUN_FILE, load_checkpoint
+    from reprolab.train import load_checkpoint, training_run
 
     meta = load_meta(cfg.processed_dir)
     test = load_split(cfg.processed_dir, "test")
     model, _ = load_checkpoint(cfg.models_dir)
-    run_info = read_json(cfg.models_dir / RUN_FILE)
-    tracking.configure(cfg)
-    tracking.require_training_run(run_info, cfg.models_dir / RUN_FILE)
+    run_info = training_run(cfg)
     started = time.perf_counter()
     probs = predict_proba(model, test.x, cfg.evaluate.batch_size).numpy()
     throughput = len(test) / (time.perf_counter() - started)

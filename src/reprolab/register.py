@@ -44,16 +44,14 @@ def decide(
 def run(cfg: Config) -> dict[str, Any]:
     from reprolab import tracking
     from reprolab.evaluate import METRICS_FILE
-    from reprolab.train import RUN_FILE
+    from reprolab.train import training_run
 
-    run_info = read_json(cfg.models_dir / RUN_FILE)
+    run_info = training_run(cfg)
     metrics = read_json(cfg.report_dir("evaluate") / METRICS_FILE)
     name, metric = cfg.register.model_name, cfg.register.metric
     value = float(metrics[metric])
     data_hash = run_info["tags"][DATA_TAG]
 
-    tracking.configure(cfg)
-    tracking.require_training_run(run_info, cfg.models_dir / RUN_FILE)
     tags = {
         **run_info["tags"],
         "training_run_id": run_info["run_id"],

@@ -32,7 +32,7 @@ from reprolab.engine import (
     select_precision,
 )
 from reprolab.errors import ConfigError, DataError
-from reprolab.io import atomic_dir, atomic_path, write_json, write_text, write_yaml
+from reprolab.io import atomic_dir, atomic_path, read_json, write_json, write_text, write_yaml
 from reprolab.models import build, count_parameters, model_spec, with_probabilities
 
 log = logging.getLogger(__name__)
@@ -216,6 +216,15 @@ def write_outputs(
         write_yaml(tmp / CONFIG_FILE, cfg.as_dict())
     write_text(cfg.report_dir("train") / HISTORY_FILE, history_csv(history))
     write_learning_curve(cfg.report_dir("train") / CURVE_FILE, history)
+
+
+def training_run(cfg: Config) -> dict[str, Any]:
+    """models/run.json, with MLflow pointed at the store and that run checked to be in it."""
+    path = cfg.models_dir / RUN_FILE
+    run_info = read_json(path)
+    tracking.configure(cfg)
+    tracking.require_training_run(run_info, path)
+    return run_info
 
 
 def load_checkpoint(models_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
