@@ -44,7 +44,7 @@ def test_tune_runs_a_study_with_nested_mlflow_runs_and_resumes(project):
     again = tune.run(cfg)  # a finished study adds no trial
     assert again["trials_complete"] + again["trials_pruned"] == 4
     assert again["best_value"] == summary["best_value"]
-    assert again["epochs_spent"] == 0
+    assert again["epochs_spent"] == summary["epochs_spent"]
 
 
 def test_tune_study_name_changes_with_the_data_and_space(project):
@@ -166,7 +166,10 @@ def test_train_with_use_tuned_reads_best_params(project):
         train.resolve_hparams(cfg)
     cfg.best_params_file.parent.mkdir(parents=True)
     cfg.best_params_file.write_text("optimizer: rmsprop\nlr: 0.002\n")
-    assert train.resolve_hparams(cfg) == ("rmsprop", 0.002, "tune")
+    assert train.resolve_hparams(cfg) == ({"optimizer": "rmsprop", "lr": 0.002}, "tune")
+    cfg.best_params_file.write_text("optimizer: sgd\nlr: 0.01\nbatch_size: 32\n")
+    params, _ = train.resolve_hparams(cfg)
+    assert train.hyper_for(cfg, params, 2, torch.device("cpu")).batch_size == 32
     cfg.best_params_file.write_text("optimizer: lion\nlr: 0.002\n")
     with pytest.raises(Exception, match="expected optimizer in"):
         train.resolve_hparams(cfg)

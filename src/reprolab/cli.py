@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--overrides", dest="override_list", default="", metavar="'K=V K=V'",
                        help="several overrides in one string (for MLproject parameters)")
         p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    sub.choices["tune"].add_argument(
+        "--worker", action="store_true",
+        help="join the study with tune.workers more workers (from any machine that reaches "
+             "tune.storage); writes no outputs")
     predict = sub.choices["predict"]
     predict.add_argument("--model", metavar="URI",
                          help="model URI (default: models:/<register.model_name>@champion)")

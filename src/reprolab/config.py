@@ -154,23 +154,53 @@ class Train(_Section):
         return self
 
 
+Range = tuple[Float, Float]
+
+
 class Tune(_Section):
     study: StrictStr = Field(min_length=1)
     n_trials: Int = Field(ge=1)
     epochs: Int = Field(ge=1)
+    timeout_s: Float | None = Field(gt=0)
     lr_low: Float = Field(gt=0)
     lr_high: Float = Field(gt=0)
     optimizers: tuple[Optimizer, ...] = Field(min_length=1)
+    weight_decay: Range | None  # log-uniform [low, high]; null: train.weight_decay
+    momentum: Range | None  # uniform [low, high]; null: train.momentum
+    batch_sizes: tuple[Annotated[Int, Field(ge=1)], ...] | None = Field(min_length=1)
+    sampler: Literal["tpe", "random", "grid"]
+    grid_points: Int = Field(ge=2)  # grid: values per continuous dimension
     storage: StrictStr | None
-    pruner: Literal["median", "none"]
+    workers: Int = Field(ge=1)
+    heartbeat_s: Int = Field(ge=1)
+    pruner: Literal["median", "successive_halving", "hyperband", "none"]
 
     @model_validator(mode="after")
-    def _lr_range(self) -> Tune:
+    def _ranges(self) -> Tune:
         if self.lr_low >= self.lr_high:
             raise ValueError(
                 f"tune.lr_low = {self.lr_low:g} is not below tune.lr_high = {self.lr_high:g}; "
                 "allowed: tune.lr_low < tune.lr_high"
             )
+        for key, bounds, lowest, highest in (("weight_decay", self.weight_decay, 0, None),
+                                             ("momentum", self.momentum, 0, 1)):
+            if bounds is None:
+                continue
+            low, high = bounds
+            if not (lowest < low < high) or (highest is not None and high >= highest):
+                allowed = f"{lowest} < low < high" + (f" < {highest}" if highest else "")
+                raise ValueError(
+                    f"tune.{key} = [{low:g}, {high:g}]: not a range; allowed: [low, high] with "
+                    f"{allowed}, or null"
+                )
+        if self.workers > 1 and (self.storage or "").startswith("sqlite"):
+            raise ValueError(
+                f"tune.workers = {self.workers} with tune.storage = {self.storage!r}: SQLite "
+                "cannot serve several writers; use tune.storage: null (the journal file) or a "
+                "postgresql:// URL"
+            )
+        if len(set(self.optimizers)) != len(self.optimizers):
+            raise ValueError(f"tune.optimizers = {list(self.optimizers)}: names repeat")
         return self
 
 

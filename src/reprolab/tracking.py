@@ -134,6 +134,10 @@ def set_tags(tags: dict[str, str]) -> None:
     mlflow.set_tags(tags)
 
 
+def log_figure(figure: Any, artifact_file: str) -> None:
+    mlflow.log_figure(figure, artifact_file)
+
+
 def log_artifact(path: Path, artifact_path: str | None = None) -> None:
     mlflow.log_artifact(str(path), artifact_path=artifact_path)
 

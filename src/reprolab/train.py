@@ -57,10 +57,16 @@ class TrainResult:
         return self.fit.history
 
 
-def resolve_hparams(cfg: Config) -> tuple[str, float, str]:
-    """-> (optimizer, lr, source): tune's best params when train.use_tuned, else params.yaml."""
+TUNABLE = ("optimizer", "lr", "weight_decay", "momentum", "batch_size")
+
+
+def resolve_hparams(cfg: Config) -> tuple[dict[str, Any], str]:
+    """-> (hyperparameters, source): tune's best params when train.use_tuned, else params.yaml.
+
+    Always optimizer and lr; also weight_decay, momentum or batch_size when tune searched them.
+    """
     if not cfg.train.use_tuned:
-        return cfg.train.optimizer, cfg.train.lr, "params"
+        return {"optimizer": cfg.train.optimizer, "lr": cfg.train.lr}, "params"
     path = cfg.best_params_file
     if not path.exists():
         raise DataError(
@@ -73,7 +79,10 @@ def resolve_hparams(cfg: Config) -> tuple[str, float, str]:
             f"{path}: expected optimizer in {', '.join(OPTIMIZERS)} and lr > 0, "
             f"got optimizer={optimizer!r} lr={lr!r}"
         )
-    return optimizer, float(lr), "tune"
+    unknown = set(best) - set(TUNABLE)
+    if unknown:
+        raise DataError(f"{path}: unknown keys {sorted(unknown)}; allowed: {', '.join(TUNABLE)}")
+    return {**best, "lr": float(lr)}, "tune"
 
 
 def spec_for(cfg: Config, meta: dict[str, Any]) -> dict[str, Any]:
@@ -81,12 +90,17 @@ def spec_for(cfg: Config, meta: dict[str, Any]) -> dict[str, Any]:
                       meta["std"], hidden=cfg.model.hidden, width=cfg.model.width)
 
 
-def hyper_for(cfg: Config, optimizer: str, lr: float, epochs: int, device: torch.device) -> Hyper:
-    """The engine's settings from the train and data sections (tune shares them)."""
+def hyper_for(
+    cfg: Config, params: dict[str, Any], epochs: int, device: torch.device
+) -> Hyper:
+    """The engine's settings from the train and data sections, with `params` (optimizer, lr
+    and any tuned dimension) taking precedence. tune shares it."""
     t = cfg.train
     return Hyper(
-        optimizer=optimizer, lr=lr, epochs=epochs, batch_size=t.batch_size,
-        momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay,
+        optimizer=params["optimizer"], lr=params["lr"], epochs=epochs,
+        batch_size=params.get("batch_size", t.batch_size),
+        momentum=params.get("momentum", t.momentum), nesterov=t.nesterov,
+        weight_decay=params.get("weight_decay", t.weight_decay),
         schedule=t.schedule, warmup_epochs=min(t.warmup_epochs, epochs - 1),
         label_smoothing=t.label_smoothing, patience=t.early_stopping_patience,
         precision=select_precision(t.precision, device), compile=t.compile,
@@ -152,13 +166,14 @@ def load_resume_state(path: Path, identity: str) -> dict[str, Any] | None:
 
 
 def run(cfg: Config, progress: bool = False) -> TrainResult:
-    optimizer, lr, source = resolve_hparams(cfg)
+    params, source = resolve_hparams(cfg)
+    optimizer, lr = params["optimizer"], params["lr"]
     device = select_device(cfg.train.device)
     seed_everything(cfg.seed, cfg.train.deterministic)
     meta, train_split, val_split = load_training_data(cfg.processed_dir, device)
     spec = spec_for(cfg, meta)
     model = build(spec).to(device)
-    hyper = hyper_for(cfg, optimizer, lr, cfg.train.epochs, device)
+    hyper = hyper_for(cfg, params, cfg.train.epochs, device)
     identity = checkpoint_identity(cfg, hyper, meta)
     resume = load_resume_state(cfg.checkpoint_file, identity)
 
@@ -174,7 +189,7 @@ def run(cfg: Config, progress: bool = False) -> TrainResult:
                             run_id=resume_run) as run_id:
         if resume_run is None:
             tracking.log_params({
-                **cfg.flat(), "train.optimizer": optimizer, "train.lr": lr,
+                **cfg.flat(), **{f"train.{k}": v for k, v in params.items()},
                 "train.hparams_source": source, "model.parameters": count_parameters(model),
             })
             tracking.log_dataset(
