@@ -64,9 +64,11 @@ def open_storage(cfg: Config) -> Any:
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
+    # heartbeats, fail_stale_trials and the matplotlib plots are marked experimental; Optuna's
+    # own log lines follow this command's level (-q: warnings only)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(max(logging.getLogger().getEffectiveLevel(), logging.INFO))
     if cfg.tune.storage:
-        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning,
-                                message=".*heartbeat")
         return optuna.storages.RDBStorage(
             database_url(cfg.tune.storage),
             heartbeat_interval=cfg.tune.heartbeat_s,
@@ -143,9 +145,7 @@ def log_study_plots(study: Any) -> None:
                        ("param_importances", plots.plot_param_importances),
                        ("parallel_coordinate", plots.plot_parallel_coordinate)):
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # optuna marks these plots experimental
-                ax = draw(study)
+            ax = draw(study)
         except (ValueError, RuntimeError) as exc:  # e.g. importances need 2+ complete trials
             log.info("tune: no %s plot: %s", name, exc)
             continue
@@ -365,9 +365,9 @@ def await_workers(processes: list[Any], ready: Any, patience_s: float = 300) -> 
 
 
 def _spawned_worker(params: dict[str, Any], base_dir: str, index: int, parent: str,
-                    ready: Any) -> None:
+                    ready: Any, level: int) -> None:
     """Entry point of a local worker process (multiprocessing, spawn)."""
-    logging.basicConfig(level=logging.INFO,
+    logging.basicConfig(level=level,
                         format=f"%(asctime)s worker {index} %(levelname)s %(name)s: %(message)s")
     from reprolab.config import Config
 
@@ -426,7 +426,8 @@ def _run(cfg: Config, progress: bool, worker_index: int, parent_run_id: str | No
         context = multiprocessing.get_context("spawn")
         ready = context.Queue()
         others = [context.Process(target=_spawned_worker,
-                                  args=(cfg.as_dict(), str(cfg.base_dir), i, parent, ready))
+                                  args=(cfg.as_dict(), str(cfg.base_dir), i, parent, ready,
+                                        logging.getLogger().getEffectiveLevel()))
                   for i in range(worker_index + 1, worker_index + local_workers)]
         for process in others:
             process.start()
