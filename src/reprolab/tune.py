@@ -107,7 +107,7 @@ def make_pruner(cfg: Config) -> Any:
     if cfg.tune.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
     if cfg.tune.pruner == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=4)
     if cfg.tune.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(
             min_resource=1, max_resource=cfg.tune.epochs, reduction_factor=3
