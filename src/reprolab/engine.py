@@ -299,18 +299,26 @@ def fit(
             with _autocast(device, hp.precision):
                 logits = step_model(xb).float()
                 loss = nn.functional.cross_entropy(logits, yb, label_smoothing=hp.label_smoothing)
-            # Remember the first non-finite step without a sync; look at it every few steps.
-            nonfinite_at = torch.where(
-                (nonfinite_at == 0) & ~torch.isfinite(loss.detach()), step, nonfinite_at
-            )
-            if step % check_every == 0 or step == steps_per_epoch:
-                bad_step = int(nonfinite_at.item())
-                if bad_step:
-                    raise TrainingDiverged(epoch, bad_step)
+            if check_every == 1:  # the CPU: reading the loss costs no sync
+                if not math.isfinite(loss.item()):
+                    raise TrainingDiverged(epoch, step)
+            else:
+                # Remember the first non-finite step without a sync; look every few steps.
+                nonfinite_at = torch.where(
+                    (nonfinite_at == 0) & ~torch.isfinite(loss.detach()), step, nonfinite_at
+                )
+                if step % check_every == 0 or step == steps_per_epoch:
+                    bad_step = int(nonfinite_at.item())
+                    if bad_step:
+                        raise TrainingDiverged(epoch, bad_step)
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            if scaler.is_enabled():  # fp16 only
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
             schedule.step()
             loss_sum += loss.detach() * len(yb)
             correct += (logits.detach().argmax(1) == yb).sum()
