@@ -145,7 +145,9 @@ def log_study_plots(study: Any) -> None:
                        ("param_importances", plots.plot_param_importances),
                        ("parallel_coordinate", plots.plot_parallel_coordinate)):
         try:
-            ax = draw(study)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # small studies: "importances will be equal"
+                ax = draw(study)
         except (ValueError, RuntimeError) as exc:  # e.g. importances need 2+ complete trials
             log.info("tune: no %s plot: %s", name, exc)
             continue
