@@ -9,7 +9,7 @@ DEPS_HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
 STAMP := $(VENV)/.installed-$(DEPS_HASH)
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test ui lint clean
+.PHONY: setup run test bench ui lint clean
 
 setup: $(STAMP)
 
@@ -26,11 +26,15 @@ run: setup
 test: setup
 	pytest -n auto --dist loadfile
 
+# Measured ratios (never part of `make test`): tables on stdout and in reports/bench/.
+bench: setup
+	python benchmarks/run.py
+
 ui: setup
 	mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db"
 
 lint: setup
-	ruff check src tests
+	ruff check src tests benchmarks
 
 clean:
 	rm -rf data/raw data/processed models reports
