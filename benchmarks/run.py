@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 ORDER = ("tracking", "datapath", "throughput", "pruning", "storage", "noop", "gpu")
 
 
-def summary(names: list[str], seconds: dict[str, float]) -> str:
+def summary(seconds: dict[str, float]) -> str:
     from harness import Row
 
     m = machine()
@@ -34,11 +34,13 @@ def summary(names: list[str], seconds: dict[str, float]) -> str:
         "A is reprolab's way, B the baseline; medians of 5 (tracking: 7) alternating rounds; "
         "*A vs A* is a second run of A in the same rounds over the first (the noise).",
     ]
-    for name in names:
+    for name in ORDER:  # every benchmark with a report, this run's and earlier ones
         data = load(name)
         if data is None:
             continue
-        lines += ["", f"**{name}** ({seconds.get(name, 0):.0f} s)", ""]
+        commit = data["machine"]["commit"]
+        took = f"{seconds[name]:.0f} s" if name in seconds else f"an earlier run, {commit}"
+        lines += ["", f"**{name}** ({took})", ""]
         rows = [Row(**row) for row in data["rows"]]
         lines.append(table(rows) if rows else f"skipped: {data.get('skipped')}")
     return "\n".join(lines) + "\n"
@@ -59,7 +61,7 @@ def main() -> int:
         seconds[name] = time.perf_counter() - t
         if code:
             failed.append(name)
-    text = summary(names, seconds)
+    text = summary(seconds)
     with atomic_path(REPORTS / "README.md") as tmp:
         tmp.write_text(text)
     print("\n# all benchmarks\n\n" + text)

@@ -86,6 +86,17 @@ def test_other_pruners_prune(project, pruner):
     assert summary["epochs_spent"] < 6 * 3
 
 
+def test_timeout_stops_starting_trials_and_a_rerun_continues(project):
+    cfg = project("tracking.experiment=tune-timeout", "tune.n_trials=40", "tune.timeout_s=1",
+                  "tune.pruner=none")
+    first = tune.run(cfg)
+    done = first["trials_complete"]
+    assert 1 <= done < 40
+    second = tune.run(cfg)  # the same study goes on for another second
+    assert done < second["trials_complete"] < 40
+    assert second["trials_failed"] == 0
+
+
 @pytest.mark.parametrize(("override", "message"), [
     ("tune.weight_decay=[0.1, 0.01]", "tune.weight_decay = [0.1, 0.01]: not a range"),
     ("tune.momentum=[0.5, 1.5]", "tune.momentum = [0.5, 1.5]: not a range"),
