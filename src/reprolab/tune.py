@@ -222,10 +222,11 @@ def open_study(cfg: Config, meta: dict[str, Any], worker_index: int) -> tuple[An
     return study, storage
 
 
-def work(cfg: Config, meta: dict[str, Any], splits: tuple[Any, Any], device: Any,
-         worker_index: int, parent_run_id: str | None, progress: bool = False) -> None:
-    """Run trials until the study has tune.n_trials finished ones (complete + pruned), counted
-    across every worker and every earlier invocation, or until tune.timeout_s."""
+def work(cfg: Config, study: Any, meta: dict[str, Any], splits: tuple[Any, Any], device: Any,
+         parent_run_id: str | None, progress: bool = False) -> None:
+    """Run trials of `study` (from open_study) until it has tune.n_trials finished ones
+    (complete + pruned), counted across every worker and every earlier invocation, or until
+    tune.timeout_s."""
     import optuna
 
     from reprolab import tracking
@@ -235,7 +236,6 @@ def work(cfg: Config, meta: dict[str, Any], splits: tuple[Any, Any], device: Any
     from reprolab.train import hyper_for, short_lr, spec_for
 
     budget = cfg.tune.n_trials
-    study, _ = open_study(cfg, meta, worker_index)
     spec = spec_for(cfg, meta)
     train_split, val_split = splits
     ahead_states = _states(*FINISHED, "RUNNING", "WAITING")
@@ -414,12 +414,13 @@ def _run(cfg: Config, progress: bool, worker_index: int, parent_run_id: str | No
     tracking.configure(cfg)
     splits = (train_split, val_split)
     if parent_run_id is not None:  # a spawned worker: trials only
+        study, _ = open_study(cfg, meta, worker_index)
         ready.put(worker_index)
-        work(cfg, meta, splits, device, worker_index, parent_run_id)
+        work(cfg, study, meta, splits, device, parent_run_id)
         return {}
 
     started = time.perf_counter()
-    study, _ = open_study(cfg, meta, worker_index)  # create it before any worker races to
+    study, storage = open_study(cfg, meta, worker_index)  # before any worker races to
     if finished_trials(study) >= cfg.tune.n_trials:
         local_workers = 1  # nothing left to run: start no worker process
     with tracking.start_run(f"tune-{name}" + ("-worker" if join else ""),
@@ -435,14 +436,13 @@ def _run(cfg: Config, progress: bool, worker_index: int, parent_run_id: str | No
             process.start()
         try:
             await_workers(others, ready)
-            work(cfg, meta, splits, device, worker_index, None, progress)
+            work(cfg, study, meta, splits, device, None, progress)
         finally:
             for process in others:
                 process.join()
         if any(process.exitcode for process in others):
             codes = [process.exitcode for process in others]
             raise ReprolabError(f"tune: a worker process failed (exit codes {codes})")
-        study, storage = open_study(cfg, meta, worker_index)
         if not join:
             await_running_trials(cfg, study, storage)
         trials = study.get_trials(deepcopy=False)
