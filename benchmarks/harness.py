@@ -164,6 +164,32 @@ def load(benchmark: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def git_copy(dest: Path, params: dict[str, dict[str, Any]]) -> Path:
+    """A git repository in `dest` holding what a clone of this one would hold (tracked files and
+    untracked ones git does not ignore), with `params` ({section: {key: value}}) merged into
+    params.yaml and committed. The end-to-end tests and bench_noop.py both start from it."""
+    import shutil
+
+    import yaml
+
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout.split("\0")
+    for rel in filter(None, files):
+        if (REPO / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dest / rel)
+    values = yaml.safe_load((dest / "params.yaml").read_text())
+    for section, update in params.items():
+        values[section].update(update)
+    (dest / "params.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+    identity = ["-c", "user.name=reprolab", "-c", "user.email=reprolab@localhost"]
+    for cmd in (["init", "-q"], ["add", "-A"], [*identity, "commit", "-q", "-m", "copy"]):
+        subprocess.run(["git", *cmd], cwd=dest, check=True, capture_output=True)
+    return dest
+
+
 def pipeline_project(root: Path, *overrides: str) -> Callable[..., Any]:
     """A project in `root` with params.yaml (digits unless the overrides say otherwise), its data
     fetched and preprocessed, and MLflow pointed at a store inside it.

@@ -7,7 +7,6 @@ pipeline once and checks everything about it.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,9 @@ from mlflow import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from harness import git_copy  # noqa: E402  (benchmarks/harness.py: the same copy bench_noop uses)
 
 pytestmark = pytest.mark.e2e
 
@@ -33,27 +35,11 @@ def sh(*cmd: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     """A git repository holding what a clone of this one holds, with tiny params."""
-    dest = tmp_path_factory.mktemp("clone")
-    files = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO, capture_output=True, text=True, check=True,
-    ).stdout.split("\0")
-    for rel in filter(None, files):
-        if (REPO / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dest / rel)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
+    dest = git_copy(tmp_path_factory.mktemp("clone"), TINY)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
     env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
                GIT_COMMITTER_EMAIL="t@t")
-    sh("git", "init", "-q", cwd=dest, env=env)
-    sh("git", "add", "-A", cwd=dest, env=env)
-    sh("git", "commit", "-q", "-m", "clone", cwd=dest, env=env)
     return dest, env
 
 
