@@ -1,4 +1,4 @@
-"""predict, `mlflow models serve`, `mlflow server` and concurrent registration, for real.
+"""predict, `mlflow models serve` and `mlflow server`, for real.
 
 One tiny pipeline runs in-process against the session store; the servers are real processes
 on 127.0.0.1 reading that store.
@@ -9,23 +9,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from mlflow import MlflowClient
 from PIL import Image
 
 from conftest import REPO, TINY
 from reprolab import cli, evaluate, predict, register, train
 from reprolab.config import load_config
 from reprolab.data import load_split
+from servers import free_port, get, post, serve, stop
 
 MODEL = "serving-test"
 
@@ -111,63 +107,20 @@ def test_predict_table_and_default_model(pipeline, images, capsys):
     assert out[1].split()[:2] == [str(files[1]), label]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _serve(args: list[str], port: int, env: dict[str, str], probe: str):
-    # the servers start helpers (uvicorn) by name, from this environment
-    env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{probe}", timeout=2):
-                return proc
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise AssertionError(f"{args[0]} did not answer on port {port}")
-
-
-def _stop(proc):
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
-def _post(url: str, body: dict) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return json.loads(response.read())
-
-
-def _get(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=30) as response:
-        return json.loads(response.read())
-
-
 def test_mlflow_models_serve_answers_like_predict(pipeline, images):
     cfg, _ = pipeline
     _, files, _ = images
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.mlflow_uri}
     mlflow_cli = str(Path(sys.executable).parent / "mlflow")
-    proc = _serve([mlflow_cli, "models", "serve", "-m", f"models:/{MODEL}@champion",
+    proc = serve([mlflow_cli, "models", "serve", "-m", f"models:/{MODEL}@champion",
                    "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
                   port, env, "/ping")
     try:
         batch = np.stack([predict.load_image(f, (1, 8, 8)) for f in files])
-        answer = _post(f"http://127.0.0.1:{port}/invocations", {"inputs": batch.tolist()})
+        answer = post(f"http://127.0.0.1:{port}/invocations", {"inputs": batch.tolist()})
     finally:
-        _stop(proc)
+        stop(proc)
     served = np.array(answer["predictions"], dtype=np.float32)
     local = predict.run(f"models:/{MODEL}@champion", [str(f) for f in files], cfg)
     assert [int(row.argmax()) for row in served] == [int(p.label) for p in local]
@@ -176,18 +129,18 @@ def test_mlflow_models_serve_answers_like_predict(pipeline, images):
 
 def test_mlflow_server_shows_runs_metrics_and_the_champion(pipeline):
     cfg, result = pipeline
-    port = _free_port()
+    port = free_port()
     mlflow_cli = str(Path(sys.executable).parent / "mlflow")
-    proc = _serve([mlflow_cli, "server", "--backend-store-uri", cfg.mlflow_uri,
+    proc = serve([mlflow_cli, "server", "--backend-store-uri", cfg.mlflow_uri,
                    "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                   port, dict(os.environ), "/health")
     api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
     try:
-        exp = _get(f"{api}/experiments/get-by-name?experiment_name=serving")["experiment"]
-        runs = _post(f"{api}/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
-        alias = _get(f"{api}/registered-models/alias?name={MODEL}&alias=champion")
+        exp = get(f"{api}/experiments/get-by-name?experiment_name=serving")["experiment"]
+        runs = post(f"{api}/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+        alias = get(f"{api}/registered-models/alias?name={MODEL}&alias=champion")
     finally:
-        _stop(proc)
+        stop(proc)
     by_id = {r["info"]["run_id"]: r for r in runs}
     run = by_id[result.run_id]
     assert run["info"]["run_name"] == train.run_name("simple_cnn", "adam", cfg.train.lr)
@@ -195,37 +148,3 @@ def test_mlflow_server_shows_runs_metrics_and_the_champion(pipeline):
     assert {"train/loss", "val/loss", "val/accuracy", "test/accuracy", "test/f1_macro",
             "test/top5_accuracy"} <= metrics
     assert alias["model_version"]["run_id"] == result.run_id
-
-
-def test_two_registrations_at_once_leave_one_consistent_champion(pipeline, tmp_path,
-                                                                   processed_once):
-    name = "concurrent-test"
-    good, _ = pipeline
-    poor = _project(tmp_path / "poor", processed_once, "train.epochs=1", "train.lr=1e-5")
-    train.run(poor)
-    evaluate.run(poor)
-    projects = [good, poor]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": good.mlflow_uri}
-    sets = [f"--set={o}" for o in (*TINY, f"register.model_name={name}",
-                                      "tracking.experiment=serving")]
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "reprolab", "register", "-q", "--params",
-                          str(cfg.base_dir / "params.yaml"), *sets],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for cfg in projects
-    ]
-    for proc in procs:
-        _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err
-    client = MlflowClient()
-    versions = client.search_model_versions(f"name = '{name}'")
-    assert len(versions) == 2
-    champion = client.get_model_version_by_alias(name, "champion")
-    good_run = json.loads((good.models_dir / "run.json").read_text())["run_id"]
-    assert champion.run_id == good_run
-    aliases = [a for v in versions for a in client.get_model_version(name, v.version).aliases]
-    assert aliases.count("champion") == 1
-    assert len(aliases) == len(set(aliases))  # no alias on two versions
-    decisions = [json.loads((c.report_dir("register") / "decision.json").read_text())
-                 for c in projects]
-    assert {d["version"] for d in decisions} == {str(v.version) for v in versions}

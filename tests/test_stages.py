@@ -12,9 +12,10 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
+from conftest import TINY
 from reprolab import evaluate, register, train, tune
 from reprolab.data import load_split
-from reprolab.io import read_json
+from reprolab.io import read_json, sha256_file
 
 
 def _runs(experiment: str, filter_string: str = "") -> list:
@@ -158,6 +159,53 @@ def test_evaluate_and_register_refuse_a_run_missing_from_the_store(project):
     with pytest.raises(DataError, match="is not in the MLflow store"):
         register.run(cfg)
     assert not cfg.report_dir("register").exists()
+
+
+def test_register_refuses_metrics_of_another_model(project, capsys):
+    """train (good) -> evaluate -> train (chance level, no evaluate) -> register: refused."""
+    from reprolab import cli
+
+    name = "stale-test"
+    cfg = project("tracking.experiment=stale", f"register.model_name={name}")
+    train.run(cfg)
+    evaluate.run(cfg)
+    metrics = read_json(cfg.report_dir("evaluate") / "metrics.json")
+    assert read_json(cfg.report_dir("evaluate") / "evaluated.json") == {
+        "model_sha256": sha256_file(cfg.model_file),
+        "training_run_id": read_json(cfg.models_dir / "run.json")["run_id"],
+    }
+    chance = project("tracking.experiment=stale", f"register.model_name={name}",
+                     "train.epochs=1", "train.lr=1e-6")
+    train.run(chance)
+    assert read_json(cfg.report_dir("evaluate") / "metrics.json") == metrics  # stale
+    args = ["register", "--params", str(cfg.base_dir / "params.yaml")]
+    for item in (*TINY, "tracking.experiment=stale", f"register.model_name={name}",
+                 "train.epochs=1", "train.lr=1e-6"):
+        args += ["-S", item]
+    assert cli.main(args) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "metrics.json: measures model" in line and "run `reprolab evaluate`" in line
+    assert not MlflowClient().search_model_versions(f"name = '{name}'")
+    assert not cfg.report_dir("register").exists()
+
+    # evaluated now: registered (as champion of this fresh model name)
+    evaluate.run(chance)
+    assert register.run(chance)["version"] == "1"
+
+
+def test_register_refuses_a_gate_other_than_the_models(project):
+    from reprolab.errors import ConfigError
+
+    cfg = project("tracking.experiment=gate", "register.model_name=gate-test", "train.epochs=1")
+    train.run(cfg)
+    evaluate.run(cfg)
+    register.run(cfg)
+    other = project("tracking.experiment=gate", "register.model_name=gate-test",
+                    "train.epochs=1", "register.metric=accuracy")
+    with pytest.raises(ConfigError, match=r"register.metric/min_delta = accuracy/0: registered "
+                                          r"model 'gate-test' is gated on f1_macro/0.0"):
+        register.run(other)
+    assert len(MlflowClient().search_model_versions("name = 'gate-test'")) == 1
 
 
 def test_train_with_use_tuned_reads_best_params(project):

@@ -257,6 +257,11 @@ with warnings.catch_warnings():
         def models_dir(self) -> Path:
             return self._path(self.paths.models)
 
+        @property
+        def model_file(self) -> Path:
+            """train's checkpoint of the final model: evaluate measures it, register binds to it."""
+            return self.models_dir / "model.pt"
+
         def report_dir(self, stage: str) -> Path:
             return self._path(self.paths.reports) / stage
 
@@ -301,11 +306,6 @@ with warnings.catch_warnings():
             """Artifacts of an embedded store live beside its database; a server chooses."""
             store = self.mlflow_store_dir
             return store / "mlartifacts" if store else None
-
-        @property
-        def registry_lock_file(self) -> Path:
-            """Serialises champion decisions of processes that share this machine's store."""
-            return (self.mlflow_store_dir or self.store_root) / ".reprolab-registry.lock"
 
         @property
         def optuna_journal(self) -> Path:

@@ -11,11 +11,13 @@ from typing import Any
 import numpy as np
 
 from reprolab.config import Config
-from reprolab.io import atomic_path, write_json, write_text
+from reprolab.io import atomic_path, sha256_file, write_json, write_text
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
+# Which model the metrics measure (content hash) and its training run: register checks it.
+EVALUATED_FILE = "evaluated.json"
 PER_CLASS_FILE = "per_class.json"
 PREDICTIONS_FILE = "predictions.csv"
 CONFUSION_PNG = "confusion_matrix.png"
@@ -134,7 +136,8 @@ def run(cfg: Config) -> dict[str, float]:
 
     meta = load_meta(cfg.processed_dir)
     test = load_split(cfg.processed_dir, "test")
-    model, _ = load_checkpoint(cfg.models_dir)
+    model, _ = load_checkpoint(cfg.models_dir)  # refuses a missing model with one line
+    model_hash = sha256_file(cfg.model_file)
     run_info = training_run(cfg)
     started = time.perf_counter()
     probs = predict_proba(model, test.x, cfg.evaluate.batch_size).numpy()
@@ -145,6 +148,8 @@ def run(cfg: Config) -> dict[str, float]:
     metrics = classification_metrics(y_true, probs)
     out = cfg.report_dir("evaluate")
     write_json(out / METRICS_FILE, metrics)
+    write_json(out / EVALUATED_FILE,
+               {"model_sha256": model_hash, "training_run_id": run_info["run_id"]})
     write_json(out / PER_CLASS_FILE, per_class_report(y_true, y_pred, classes))
     write_text(out / PREDICTIONS_FILE, predictions_csv(y_true, y_pred, classes))
     write_confusion_png(out / CONFUSION_PNG, y_true, y_pred, classes)

@@ -208,25 +208,48 @@ def run_metrics(run_id: str) -> dict[str, float]:
 # ---- registry ----
 
 
-def register_version(name: str, model_uri: str, run_id: str, tags: dict[str, str]) -> str:
-    """Register the run's model once: a second call for the same run returns the same version."""
+def ensure_registered_model(name: str, tags: dict[str, str]) -> dict[str, str]:
+    """Create the registered model with `tags` unless it exists; -> its tags as stored."""
     client = MlflowClient()
-    with contextlib.suppress(MlflowException):
-        client.create_registered_model(name)
+    with contextlib.suppress(MlflowException):  # it exists, or another process created it first
+        client.create_registered_model(name, tags=tags)
+    return dict(client.get_registered_model(name).tags)
+
+
+def register_version(name: str, model_uri: str, run_id: str, tags: dict[str, str]) -> str:
+    """Register the run's model once: a second call for the same run returns the same version.
+
+    `model_uri` is the logged model's `models:/m-...` URI. A REST server refuses it as a version
+    source unless the call names the logged model too (`model_id`), as mlflow.register_model does.
+    """
+    client = MlflowClient()
     for version in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
         return str(version.version)
-    version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags)
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+    version = client.create_model_version(
+        name, model_uri, run_id=run_id, tags=tags, model_id=model_id
+    )
     return str(version.version)
 
 
-def alias_version(name: str, alias: str) -> dict[str, Any] | None:
-    """-> {version, tags} of the version holding `alias`, or None."""
-    try:
-        version = MlflowClient().get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
-    return {"version": str(version.version), "tags": dict(version.tags)}
+def model_versions(name: str) -> list[dict[str, Any]]:
+    """-> every version of `name` as {version, run_id, tags}, in version order (all pages)."""
+    client, token, out = MlflowClient(), None, []
+    while True:
+        page = client.search_model_versions(f"name = '{name}'", max_results=1000,
+                                            page_token=token)
+        out += [{"version": str(v.version), "run_id": v.run_id, "tags": dict(v.tags)}
+                for v in page]
+        token = page.token
+        if not token:
+            return sorted(out, key=lambda v: int(v["version"]))
 
 
-def set_alias(name: str, alias: str, version: str) -> None:
-    MlflowClient().set_registered_model_alias(name, alias, version)
+def set_alias(name: str, alias: str, version: str | None) -> None:
+    """Point `alias` at `version`; None removes the alias."""
+    client = MlflowClient()
+    if version is not None:
+        client.set_registered_model_alias(name, alias, version)
+        return
+    with contextlib.suppress(MlflowException):  # no such alias: nothing to remove
+        client.delete_registered_model_alias(name, alias)

@@ -1,0 +1,223 @@
+"""Working as a team: a real `mlflow server` (PostgreSQL backend, proxied artifacts), several
+project copies standing for several machines, and registrations racing with injected delays.
+
+The aliases must not depend on timing: whatever the interleaving, they end where registering the
+versions one by one in version order puts them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from conftest import REPO, TINY
+from reprolab import cli, evaluate, predict, register, train
+from reprolab.config import load_config
+from reprolab.data import load_split
+from reprolab.register import replay
+from servers import BIN, free_port, mlflow_server, post, serve, stop
+
+pytestmark = pytest.mark.slow
+
+
+def _project(root: Path, processed_once: Path, *overrides: str):
+    """One machine's copy of the project, with the digits data in place."""
+    root.mkdir(parents=True)
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    for rel in ("data/raw", "data/processed"):
+        shutil.copytree(processed_once / rel, root / rel)
+    return load_config(root / "params.yaml", [*TINY, "tracking.experiment=team", *overrides])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with mlflow_server(tmp_path_factory.mktemp("artifacts")) as uri:
+        old = os.environ["MLFLOW_TRACKING_URI"]
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+        try:
+            yield uri
+        finally:
+            os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+# Four machines: two train the same good model (a tie: the later one must not take over),
+# one a better model, one a chance-level model.
+MACHINES = {
+    "good": [],
+    "twin": [],
+    "better": ["train.epochs=6"],
+    "poor": ["train.epochs=1", "train.lr=1e-5"],
+}
+
+
+@pytest.fixture(scope="module")
+def machines(server, tmp_path_factory, processed_once):
+    root = tmp_path_factory.mktemp("machines")
+    out = {}
+    for name, overrides in MACHINES.items():
+        cfg = _project(root / name, processed_once, *overrides)
+        train.run(cfg)
+        evaluate.run(cfg)
+        out[name] = cfg
+    return out
+
+
+def _run_id(cfg) -> str:
+    return json.loads((cfg.models_dir / "run.json").read_text())["run_id"]
+
+
+def _f1(cfg) -> float:
+    metrics = json.loads((cfg.report_dir("evaluate") / "metrics.json").read_text())
+    return float(f"{metrics['f1_macro']:.6f}")  # as the version tag holds it
+
+
+def _aliases(name: str) -> dict[str, str | None]:
+    client = MlflowClient()
+    out = {}
+    for alias in ("champion", "challenger"):
+        try:
+            out[alias] = client.get_model_version_by_alias(name, alias).run_id
+        except Exception:  # noqa: BLE001 (MlflowException: the alias is not set)
+            out[alias] = None
+    return out
+
+
+def _expected_in_order(runs_in_version_order: list[str], f1: dict[str, float]):
+    """Registering one by one, by hand: a version is promoted when it beats the running best."""
+    champion = challenger = None
+    for run_id in runs_in_version_order:
+        if champion is None or f1[run_id] > f1[champion]:
+            champion = run_id
+        else:
+            challenger = run_id
+    return {"champion": champion, "challenger": challenger}
+
+
+def test_pipeline_registers_predicts_and_serves_through_a_server(server, machines):
+    cfg = machines["good"]
+    name = "team-served"
+    cfg = load_config(cfg.base_dir / "params.yaml",
+                      [*TINY, "tracking.experiment=team", f"register.model_name={name}"])
+    decision = register.run(cfg)
+    assert decision["alias"] == "champion" and decision["champion"] == decision["version"]
+    version = MlflowClient().get_model_version_by_alias(name, "champion")
+    assert version.run_id == _run_id(cfg)
+    # the artifacts went through the server's proxy, not to a local path of this machine
+    assert version.source.startswith("models:/m-")
+
+    test = load_split(cfg.processed_dir, "test")
+    images = cfg.base_dir / "images"
+    images.mkdir()
+    from PIL import Image
+
+    files = []
+    for i in range(4):
+        files.append(images / f"{i}.png")
+        Image.fromarray(test.x[i, 0].numpy(), "L").save(files[-1])
+    code = cli.main(["predict", "-q", "--json", "--params", str(cfg.base_dir / "params.yaml"),
+                     "--model", f"models:/{name}@champion", *map(str, files)])
+    assert code == 0
+    local = predict.run(f"models:/{name}@champion", [str(f) for f in files], cfg)
+
+    port = free_port()
+    proc = serve([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{name}@champion",
+                  "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                 port, {**os.environ, "MLFLOW_TRACKING_URI": server}, "/ping")
+    try:
+        batch = np.stack([predict.load_image(f, (1, 8, 8)) for f in files])
+        answer = post(f"http://127.0.0.1:{port}/invocations", {"inputs": batch.tolist()})
+    finally:
+        stop(proc)
+    served = np.array(answer["predictions"], dtype=np.float32)
+    np.testing.assert_allclose(served, [p.probabilities for p in local], atol=1e-6)
+
+
+# Patches the registry calls of one `reprolab register` process with seeded random pauses before
+# each step: reading the versions, creating its version, setting an alias.
+RACER = textwrap.dedent("""
+    import random, sys, time
+    from reprolab import cli, tracking
+    rng = random.Random(int(sys.argv[1]))
+    def delayed(fn):
+        def call(*args, **kwargs):
+            time.sleep(rng.uniform(0, 0.8))
+            return fn(*args, **kwargs)
+        return call
+    for step in ("model_versions", "register_version", "set_alias"):
+        setattr(tracking, step, delayed(getattr(tracking, step)))
+    sys.exit(cli.main(sys.argv[2:]))
+""")
+
+
+def _race(machines, name: str, seed: int) -> list[subprocess.CompletedProcess]:
+    procs = []
+    for i, cfg in enumerate(machines.values()):
+        args = [sys.executable, "-c", RACER, str(seed * 100 + i), "register", "-q", "--params",
+                str(cfg.base_dir / "params.yaml")]
+        for item in (*TINY, "tracking.experiment=team", f"register.model_name={name}"):
+            args += ["-S", item]
+        procs.append(subprocess.Popen(args, cwd=cfg.base_dir, env=dict(os.environ),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        proc.communicate(timeout=300)
+    return procs
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_racing_registrations_end_as_registering_in_version_order(server, machines, seed):
+    name = f"team-race-{seed}"
+    procs = _race(machines, name, seed)
+    for proc in procs:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    client = MlflowClient()
+    versions = sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(
+        v.version))
+    assert len(versions) == len(machines)
+    order = [v.run_id for v in versions]
+    f1 = {_run_id(cfg): _f1(cfg) for cfg in machines.values()}
+    expected = _expected_in_order(order, f1)
+    assert _aliases(name) == expected
+    assert f1[expected["champion"]] == max(f1.values())
+    # every process reports the registry's final state, not its own guess
+    for cfg in machines.values():
+        decision = json.loads((cfg.report_dir("register") / "decision.json").read_text())
+        champion = next(v for v in versions if v.run_id == expected["champion"])
+        assert decision["champion"] == str(champion.version)
+
+    # the same versions registered one by one, in the version order, into another model
+    by_run = {_run_id(cfg): cfg for cfg in machines.values()}
+    sequential = f"team-sequential-{seed}"
+    for run_id in order:
+        cfg = by_run[run_id]
+        register.run(load_config(cfg.base_dir / "params.yaml", [
+            *TINY, "tracking.experiment=team", f"register.model_name={sequential}"]))
+    assert _aliases(sequential) == expected
+
+
+def test_replay_is_the_gate_applied_in_version_order():
+    def version(v, f1, data="d"):
+        return {"version": str(v), "tags": {"test/f1_macro": str(f1),
+                                            "data.manifest_sha256": data}}
+
+    # out of order on input; v3 ties v2 (not better), v4 is on other data, v5 has no tags
+    versions = [version(3, 0.9), version(1, 0.5), version(2, 0.9), version(4, 0.99, "other"),
+                {"version": "5", "tags": {}}]
+    result = replay(versions, "f1_macro", 0.0)
+    assert (result.champion, result.challenger) == ("2", "4")
+    assert [result.verdicts[str(v)][0] for v in range(1, 6)] == [True, True, False, False, False]
+    assert "not comparable" in result.verdicts["4"][1]
+    assert "no test/f1_macro tag" in result.verdicts["5"][1]
+    # min_delta: 0.4 more is needed, so v2 stays challenger and v1 champion
+    result = replay(versions[:3], "f1_macro", 0.4)
+    assert (result.champion, result.challenger) == ("1", "3")
+    assert replay([], "f1_macro", 0.0).champion is None
