@@ -26,6 +26,9 @@ from reprolab.data import load_split
 from reprolab.register import replay
 from servers import BIN, free_port, mlflow_server, post, serve, stop
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+from harness import git_copy  # noqa: E402  (the git copy the end-to-end tests use)
+
 pytestmark = pytest.mark.slow
 
 
@@ -221,3 +224,28 @@ def test_replay_is_the_gate_applied_in_version_order():
     result = replay(versions[:3], "f1_macro", 0.4)
     assert (result.champion, result.challenger) == ("1", "3")
     assert replay([], "f1_macro", 0.0).champion is None
+
+
+@pytest.mark.e2e
+def test_dvc_repro_runs_the_whole_pipeline_against_the_server(server, tmp_path):
+    name = "team-repro"
+    dest = git_copy(tmp_path, {"train": {"epochs": 2}, "tune": {"n_trials": 2, "epochs": 1},
+                               "register": {"model_name": name}})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", MLFLOW_TRACKING_URI=server)
+    proc = subprocess.run([str(BIN / "dvc"), "repro"], cwd=dest, env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for stage in ("fetch", "preprocess", "tune", "train", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in proc.stdout
+    assert not (dest / "mlflow.db").exists()  # everything went to the server
+
+    client = MlflowClient()
+    run_id = json.loads((dest / "models/run.json").read_text())["run_id"]
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.run_id == run_id and champion.source.startswith("models:/m-")
+    assert "test/f1_macro" in client.get_run(run_id).data.metrics
+    exp = client.get_experiment_by_name("reprolab")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1 + 1 + 2  # train, the tune parent and its two trials
+    assert {r.info.status for r in runs} == {"FINISHED"}
