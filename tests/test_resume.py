@@ -3,6 +3,7 @@ rerun resumes the same MLflow run to weights bitwise identical to an uninterrupt
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import signal
@@ -80,8 +81,7 @@ def test_sigterm_then_kill_9_then_resume_is_bitwise_identical(project, capsys):
     assert result.run_id == run_id
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FINISHED"
-    steps = {m.step for m in MlflowClient().get_metric_history(run_id, "val/accuracy")}
-    assert steps == {1, 2, 3, 4}
+    _assert_each_epoch_once(run_id, result.history)
     assert not cfg.checkpoint_file.exists()
 
     straight = project("tracking.experiment=resume-test-straight", *SLOW)
@@ -129,3 +129,151 @@ def test_reduced_precision_trains_on_cpu(project, precision):
     assert result.history[-1]["val/accuracy"] > 0.5
     run = MlflowClient().get_run(result.run_id)
     assert run.data.tags["precision"] == precision
+
+
+# ---- one trainer at a time; each epoch in MLflow exactly once ----
+
+# `python DRIVER <cli args>` runs `reprolab` with a real kill -9 at one chosen point: the process
+# dies in MLflow calls of train, where no signal from outside could land reliably.
+DRIVER = """
+import os, signal, sys
+from reprolab import cli, tracking
+
+WHERE, EPOCH = sys.argv[1], int(sys.argv[2])
+log_metrics, log_model = tracking.log_metrics, tracking.log_model
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def dying_log_metrics(metrics, step=None):
+    if WHERE == "before metrics" and step == EPOCH:
+        die()
+    log_metrics(metrics, step)
+    if WHERE == "after metrics" and step == EPOCH:
+        die()
+
+def dying_log_model(*args, **kwargs):
+    uri = log_model(*args, **kwargs)
+    if WHERE == "after model":
+        die()
+    return uri
+
+tracking.log_metrics, tracking.log_model = dying_log_metrics, dying_log_model
+sys.exit(cli.main(sys.argv[3:]))
+"""
+
+
+def _cli_args(cfg, overrides) -> list[str]:
+    args = ["train", "-q", "--params", str(cfg.base_dir / "params.yaml")]
+    for item in [*TINY, *overrides]:
+        args += ["-S", item]
+    return args
+
+
+def _die_in_train(cfg, overrides, where: str, epoch: int = 0) -> None:
+    driver = cfg.base_dir / "driver.py"
+    driver.write_text(DRIVER)
+    proc = subprocess.run([sys.executable, str(driver), where, str(epoch),
+                           *_cli_args(cfg, overrides)],
+                          cwd=cfg.base_dir, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+
+def _assert_each_epoch_once(run_id: str, history: list[dict[str, float]]) -> None:
+    """Every metric of every epoch is in the run once, with the value of the history (and so
+    of reports/train/history.csv)."""
+    client = MlflowClient()
+    for key in history[0]:
+        if key == "epoch":
+            continue
+        points = client.get_metric_history(run_id, key)
+        assert sorted(p.step for p in points) == [row["epoch"] for row in history], key
+        assert {p.step: p.value for p in points} == {row["epoch"]: row[key] for row in history}
+
+
+def _logged_models(run_id: str) -> list:
+    client = MlflowClient()
+    experiment = client.get_run(run_id).info.experiment_id
+    return client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
+
+
+def _running_run(experiment: str) -> str:
+    exp = MlflowClient().get_experiment_by_name(experiment)
+    runs = MlflowClient().search_runs([exp.experiment_id])
+    assert [r.info.status for r in runs] == ["RUNNING"]  # what kill -9 leaves behind
+    return runs[0].info.run_id
+
+
+def test_a_held_lock_refuses_train_with_the_holders_pid(project):
+    from reprolab.io import exclusive_lock
+
+    cfg = project("tracking.experiment=lock-held")
+    lock, holder = train.lock_file(cfg), rf"\(pid {os.getpid()}\)"
+    with exclusive_lock(lock), pytest.raises(train.TrainerBusy, match=holder) as refused:
+        train.run(cfg)
+    assert refused.value.exit_code == 2
+    assert MlflowClient().get_experiment_by_name("lock-held") is None  # refused before MLflow
+    assert train.run(cfg).history[-1]["epoch"] == 3  # released: the next trainer runs
+
+
+@pytest.mark.slow
+def test_second_trainer_is_refused_while_the_first_finishes(project):
+    """The orphan of a killed `dvc repro` still trains when `dvc repro` runs again."""
+    overrides = ["tracking.experiment=orphan", *SLOW]
+    cfg = project(*overrides)
+    args = [sys.executable, "-m", "reprolab", *_cli_args(cfg, overrides)]
+    first = subprocess.Popen(args, cwd=cfg.base_dir, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        # Frozen mid-run it keeps its lock, and the second one cannot outrun it.
+        _when_checkpoint(cfg, 1, lambda: os.kill(first.pid, signal.SIGSTOP),
+                         alive=lambda: first.poll() is None)
+        second = subprocess.run(args, cwd=cfg.base_dir, capture_output=True, text=True,
+                                timeout=120)
+        assert first.poll() is None
+        os.kill(first.pid, signal.SIGCONT)
+        out, err = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    lines = second.stderr.strip().splitlines()
+    assert second.returncode == 2, second.stderr
+    assert len(lines) == 1 and lines[0].startswith("reprolab train: error: "), lines
+    assert f"(pid {first.pid})" in lines[0]
+    assert first.returncode == 0, err
+    run_id = out.split()[2]  # "train: run <id>  val/accuracy ..."
+    assert MlflowClient().get_run(run_id).info.status == "FINISHED"
+    history = [{k: float(v) for k, v in row.items()} for row in
+               csv.DictReader((cfg.report_dir("train") / "history.csv").open())]
+    _assert_each_epoch_once(run_id, history)
+    assert len(_logged_models(run_id)) == 1
+
+
+@pytest.mark.parametrize("where, epoch", [("before metrics", 2), ("after metrics", 2),
+                                          ("after model", 0)])
+def test_kill_9_inside_train_then_rerun_logs_everything_once(project, where, epoch):
+    """kill -9 just before and just after an epoch's metrics reach MLflow, and after the model
+    is logged: the rerun resumes the run and leaves each metric step and the model once."""
+    overrides = [f"tracking.experiment=die-{where.replace(' ', '-')}"]
+    cfg = project(*overrides)
+    _die_in_train(cfg, overrides, where, epoch)
+    run_id = _running_run(overrides[0].split("=")[1])
+
+    result = train.run(cfg)
+    assert result.run_id == run_id
+    assert MlflowClient().get_run(run_id).info.status == "FINISHED"
+    _assert_each_epoch_once(run_id, result.history)
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    assert len(_logged_models(run_id)) == 1
+
+
+def test_checkpoint_of_a_changed_config_ends_its_run_killed(project):
+    overrides = ["tracking.experiment=changed-config"]
+    cfg = project(*overrides)
+    _die_in_train(cfg, overrides, "after metrics", 1)
+    old_run = _running_run("changed-config")
+
+    result = train.run(project(*overrides, "train.lr=0.002"))
+    assert result.run_id != old_run
+    assert MlflowClient().get_run(old_run).info.status == "KILLED"
+    assert MlflowClient().get_run(result.run_id).info.status == "FINISHED"
+    _assert_each_epoch_once(result.run_id, result.history)

@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger().setLevel(level)  # also when logging was set up before (tests, embeds)
+    # MLflow announces every new store's table set-up: not news for a user of a stage
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     from reprolab.config import load_config
     from reprolab.errors import ReprolabError
 

@@ -80,3 +80,62 @@ def file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+class LockHeld(Exception):
+    """Another process holds an exclusive_lock; `pid` is the pid it wrote, None if unknown."""
+
+    def __init__(self, path: Path, pid: int | None):
+        super().__init__(f"{path}: held by pid {pid if pid else 'unknown'}")
+        self.path, self.pid = path, pid
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Like file_lock, but never waits: raise LockHeld, naming the holder's pid, when another
+    process holds it (or another open of the same file in this process).
+
+    The holder writes its pid into the file; the kernel drops the lock when the holder dies, even
+    by kill -9, and the next holder overwrites the dead pid.
+    """
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:  # "a+", not "w": a refused process must not erase the pid
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockHeld(path, _holder_pid(path)) from None
+        try:
+            fh.truncate(0)
+            fh.write(f"{os.getpid()}\n")
+            fh.flush()
+            yield
+        finally:
+            fh.truncate(0)  # a pid left behind would name a process that no longer holds it
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _holder_pid(path: Path, wait_s: float = 1.0) -> int | None:
+    """The live pid in a held lock file. The holder writes it just after locking, and a holder
+    killed with -9 leaves its pid behind, so wait briefly for a live one."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        text = path.read_text().strip() if path.exists() else ""
+        if text.isdigit() and _alive(int(text)):
+            return int(text)
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True

@@ -253,3 +253,47 @@ def set_alias(name: str, alias: str, version: str | None) -> None:
         return
     with contextlib.suppress(MlflowException):  # no such alias: nothing to remove
         client.delete_registered_model_alias(name, alias)
+
+
+# ---- runs by id (tune) ----
+
+
+def end_run_by_id(run_id: str, status: str) -> bool:
+    """End a run that another process left RUNNING (a tuning worker that died or stalled);
+    -> whether it was RUNNING. A run that already ended keeps its status; a run that is not in
+    this store (its worker logged elsewhere) is left alone."""
+    client = MlflowClient()
+    try:
+        if client.get_run(run_id).info.status != "RUNNING":
+            return False
+        client.set_terminated(run_id, status)
+    except MlflowException:
+        return False
+    return True
+
+
+# ---- runs by id (train) ----
+
+
+def logged_steps(run_id: str, keys: list[str]) -> dict[str, set[int]]:
+    """-> the steps each metric of the run already holds. MLflow appends a second point for a
+    step logged again and has no call to remove one, so a resumed run asks before logging."""
+    client = MlflowClient()
+    return {key: {m.step for m in client.get_metric_history(run_id, key)} for key in keys}
+
+
+def logged_model_uri(run_id: str) -> str | None:
+    """-> the URI of a model the run has already logged completely (READY), or None.
+
+    A run resumed after a kill between logging its model and finishing reuses it instead of
+    logging a second model on the same run.
+    """
+    from mlflow.entities import LoggedModelStatus
+
+    client = MlflowClient()
+    experiment = client.get_run(run_id).info.experiment_id
+    models = client.search_logged_models(
+        [experiment], filter_string=f"source_run_id = '{run_id}'"
+    )
+    ready = [m for m in models if m.status == LoggedModelStatus.READY]
+    return ready[0].model_uri if ready else None

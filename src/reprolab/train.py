@@ -2,16 +2,19 @@
 
 After every epoch the complete training state goes to an atomic checkpoint outside the DVC
 outputs; `reprolab train` after a crash resumes from it when the config matches, continues the
-same MLflow run, and ends with the weights an uninterrupted run would have had.
+same MLflow run, and ends with the weights an uninterrupted run would have had. One trainer at a
+time: a lock file beside the checkpoint refuses a second one while the first runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import logging
 import signal
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +34,17 @@ from reprolab.engine import (
     select_device,
     select_precision,
 )
-from reprolab.errors import ConfigError, DataError
-from reprolab.io import atomic_dir, atomic_path, read_json, write_json, write_text, write_yaml
+from reprolab.errors import ConfigError, DataError, ReprolabError
+from reprolab.io import (
+    LockHeld,
+    atomic_dir,
+    atomic_path,
+    exclusive_lock,
+    read_json,
+    write_json,
+    write_text,
+    write_yaml,
+)
 from reprolab.models import build, count_parameters, model_spec, with_probabilities
 
 log = logging.getLogger(__name__)
@@ -42,6 +54,12 @@ RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
 HISTORY_FILE = "history.csv"
 CURVE_FILE = "learning_curve.png"
+
+
+class TrainerBusy(ReprolabError):
+    """Another `reprolab train` is training the same project. Exit code 2."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -153,19 +171,78 @@ def checkpoint_identity(cfg: Config, hyper: Hyper, meta: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def load_resume_state(path: Path, identity: str) -> dict[str, Any] | None:
+def lock_file(cfg: Config) -> Path:
+    """Beside the checkpoint it guards, outside the DVC outputs (DVC deletes those first)."""
+    return cfg.checkpoint_file.with_suffix(".lock")
+
+
+@contextlib.contextmanager
+def one_trainer(path: Path) -> Iterator[None]:
+    """Refuse a second trainer of the same project while one runs. After a kill -9 of
+    `dvc repro` its `reprolab train` child goes on as an orphan; a second trainer would resume
+    the same checkpoint into the same MLflow run and both would log every epoch."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(exclusive_lock(path))
+        except LockHeld as held:
+            pid = held.pid or "unknown"
+            raise TrainerBusy(
+                f"another `reprolab train` (pid {pid}) is training this project (lock {path}); "
+                f"wait for it to finish, or stop it (kill {pid}) and run train again"
+            ) from None
+        yield
+
+
+def read_checkpoint(path: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
-    state = torch.load(path, weights_only=True, map_location="cpu")
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def resume_state(path: Path, state: dict[str, Any] | None, identity: str) -> dict[str, Any] | None:
+    """-> the checkpoint to resume from, or None. MLflow must be configured: the run of a
+    checkpoint discarded for another config can never be resumed, so it ends KILLED."""
+    if state is None:
+        return None
     if state.get("identity") != identity:
         log.info("ignoring checkpoint %s: it was written by a different config", path)
+        if state.get("run_id") and tracking.end_run_by_id(state["run_id"], "KILLED"):
+            log.info("ended its run %s KILLED", state["run_id"])
         return None
     log.info("found checkpoint %s after epoch %d of run %s", path, state["epoch"],
              state["run_id"])
     return state
 
 
+# Each epoch's metrics reach MLflow exactly once across kills and resumes. MLflow appends a
+# second point when a step is logged again and cannot remove one, so nothing may be logged twice.
+# An epoch is logged only after its checkpoint is on disk: the run then never holds an epoch the
+# checkpoint lacks, and the epochs a resume trains again were never logged. The one gap, a kill
+# after a checkpoint and before (or during) its log, is filled on resume from the checkpoint's
+# history for the steps the run lacks, so MLflow holds the values of history.csv.
+
+
+def epoch_metrics(row: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in row.items() if k != "epoch"}
+
+
+def log_missing_epochs(run_id: str, history: list[dict[str, float]]) -> None:
+    """Log the checkpoint's epochs (each metric separately) that the run does not hold yet."""
+    if not history:
+        return
+    have = tracking.logged_steps(run_id, list(epoch_metrics(history[0])))
+    for row in history:
+        missing = {k: v for k, v in epoch_metrics(row).items() if row["epoch"] not in have[k]}
+        if missing:
+            tracking.log_metrics(missing, row["epoch"])
+
+
 def run(cfg: Config, progress: bool = False) -> TrainResult:
+    with one_trainer(lock_file(cfg)):  # held from reading the checkpoint to deleting it
+        return train_locked(cfg, progress)
+
+
+def train_locked(cfg: Config, progress: bool) -> TrainResult:
     params, source = resolve_hparams(cfg)
     optimizer, lr = params["optimizer"], params["lr"]
     device = select_device(cfg.train.device)
@@ -175,9 +252,8 @@ def run(cfg: Config, progress: bool = False) -> TrainResult:
     model = build(spec).to(device)
     hyper = hyper_for(cfg, params, cfg.train.epochs, device)
     identity = checkpoint_identity(cfg, hyper, meta)
-    resume = load_resume_state(cfg.checkpoint_file, identity)
-
     tracking.configure(cfg)
+    resume = resume_state(cfg.checkpoint_file, read_checkpoint(cfg.checkpoint_file), identity)
     resume_run = resume["run_id"] if resume and tracking.run_exists(resume["run_id"]) else None
     if resume and not resume_run:
         log.info("run %s is not in this MLflow store; starting a new run", resume["run_id"])
@@ -196,19 +272,23 @@ def run(cfg: Config, progress: bool = False) -> TrainResult:
                 train_split.x.cpu().numpy(), train_split.y.cpu().numpy(), meta["dataset"],
                 cfg.processed_dir, meta["manifest_sha256"],
             )
+        if resume:  # also into a new run when the checkpoint's run is not in this store
+            log_missing_epochs(run_id, resume["history"])
 
-        def on_epoch(row: dict[str, float]) -> None:
-            tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, row["epoch"])
-
-        def save_state(state: dict[str, Any]) -> None:
+        def save_state_then_log(state: dict[str, Any]) -> None:  # in this order: see above
             with atomic_path(cfg.checkpoint_file) as tmp:
                 torch.save({**state, "identity": identity, "run_id": run_id}, tmp)
+            row = state["history"][-1]
+            tracking.log_metrics(epoch_metrics(row), row["epoch"])
 
-        result = fit(model, train_split, val_split, hyper, on_epoch=on_epoch,
-                     state=resume, save_state=save_state, progress=progress)
+        result = fit(model, train_split, val_split, hyper, state=resume,
+                     save_state=save_state_then_log, progress=progress)
         model = model.cpu().eval()
-        example = val_split.x[:4].cpu().numpy().astype(np.float32)
-        model_uri = tracking.log_model(with_probabilities(model), example, meta["classes"])
+        # A rerun after a kill between logging the model and finishing finds it logged already.
+        model_uri = tracking.logged_model_uri(run_id) if resume_run else None
+        if model_uri is None:
+            example = val_split.x[:4].cpu().numpy().astype(np.float32)
+            model_uri = tracking.log_model(with_probabilities(model), example, meta["classes"])
         tracking.set_tags({"best_epoch": str(result.best_epoch)})
         run_info = {"run_id": run_id, "model_uri": model_uri, "tracking_uri": cfg.mlflow_uri,
                     "tags": tags}
@@ -236,6 +316,8 @@ def write_outputs(
 def training_run(cfg: Config) -> dict[str, Any]:
     """models/run.json, with MLflow pointed at the store and that run checked to be in it."""
     path = cfg.models_dir / RUN_FILE
+    if not path.is_file():
+        raise DataError(f"{path}: not found; run `reprolab train` (or `dvc repro`) first")
     run_info = read_json(path)
     tracking.configure(cfg)
     tracking.require_training_run(run_info, path)
