@@ -1,4 +1,6 @@
-"""The search: samplers, pruners, optional dimensions and the plots on the parent run."""
+"""The search: samplers, pruners, optional dimensions and the plots on the parent run.
+
+Many workers, storages and faults: tests/test_study.py."""
 
 from __future__ import annotations
 
@@ -21,6 +23,17 @@ def _children(experiment: str):
     exp = MlflowClient().get_experiment_by_name(experiment)
     return MlflowClient().search_runs(
         [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+
+
+def _study(cfg):
+    import optuna
+
+    from reprolab.data import load_meta
+    from reprolab.study import open_storage
+
+    storage = open_storage(cfg.tune.storage, cfg.optuna_journal, cfg.tune.heartbeat_s)
+    return optuna.load_study(study_name=tune.study_name(cfg, load_meta(cfg.processed_dir)),
+                             storage=storage)
 
 
 def test_random_sampler_with_extra_dimensions_and_plots(project):
@@ -104,137 +117,11 @@ def test_timeout_stops_starting_trials_and_a_rerun_continues(project):
     ("tune.optimizers=[adam, adam]", "names repeat"),
     ("tune.sampler=cmaes", "tune.sampler = 'cmaes'"),
     ("tune.pruner=patient", "tune.pruner = 'patient'"),
+    ("tune.max_failed=0", "tune.max_failed = 0"),
 ])
 def test_invalid_space_is_refused_before_any_storage(make_config, override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         make_config(override)
-
-
-# ---- many workers, one budget, real storages ----
-
-# Trials of a second or so: long enough to be killed inside one.
-SLOW_TRIALS = ["tune.epochs=2", "train.batch_size=16", "tune.pruner=none", "tune.sampler=random"]
-
-
-def _study(cfg):
-    import optuna
-
-    from reprolab.data import load_meta
-
-    return optuna.load_study(study_name=tune.study_name(cfg, load_meta(cfg.processed_dir)),
-                             storage=tune.open_storage(cfg))
-
-
-def _check_exact_budget(cfg, n):
-    from optuna.trial import TrialState
-
-    trials = _study(cfg).get_trials(deepcopy=False)
-    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    assert len(finished) == n
-    assert not [t for t in trials if t.state == TrialState.RUNNING]
-    points = [(t.params["optimizer"], t.params["lr"]) for t in finished]
-    assert len(set(points)) == len(points)  # workers do not repeat each other
-    return trials
-
-
-def _kill_a_worker_mid_trial(cfg, overrides):
-    """Start `reprolab tune --worker` in another process and kill -9 it inside a trial."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from optuna.trial import TrialState
-
-    args = [sys.executable, "-m", "reprolab", "tune", "--worker", "-q",
-            "--params", str(cfg.base_dir / "params.yaml")]
-    for item in overrides:
-        args += ["-S", item]
-    proc = subprocess.Popen(args, cwd=cfg.base_dir, env=dict(os.environ),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        running = [t for t in _study(cfg).get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                   if t.user_attrs.get("worker", "").endswith(f":{proc.pid}")]
-        if running:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return running[0].number
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError("the worker never started a trial")
-
-
-def _workers_test(project, storage_overrides, settle=0.0):
-    import time
-
-    from conftest import TINY
-
-    overrides = ["tune.workers=2", "tune.n_trials=5", *SLOW_TRIALS, *storage_overrides]
-    cfg = project(*overrides)
-    summary = tune.run(cfg)
-    assert summary["trials_complete"] == 5
-    trials = _check_exact_budget(cfg, 5)
-    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers ran trials
-    assert tune.run(cfg)["trials_complete"] == 5  # a rerun adds none
-
-    # a worker killed inside a trial leaves nothing RUNNING once the study goes on
-    more = project(*overrides, "tune.n_trials=6", "tune.workers=1")
-    killed = _kill_a_worker_mid_trial(more, [*TINY, *overrides, "tune.n_trials=6",
-                                             "tune.workers=1"])
-    time.sleep(settle)  # database storages: let the heartbeat go stale
-    tune.run(more)
-    trials = _check_exact_budget(more, 6)
-    assert trials[killed].state.name == "FAIL"
-
-
-def test_two_workers_on_the_journal(project):
-    _workers_test(project, [])
-
-
-@pytest.fixture
-def postgres_url():
-    import uuid
-
-    import psycopg
-
-    name = f"reprolab_test_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(host="127.0.0.1", port=5432, dbname="test", autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-        user = admin.info.user
-    yield f"postgresql://{user}@127.0.0.1:5432/{name}"
-    with psycopg.connect(host="127.0.0.1", port=5432, dbname="test", autocommit=True) as admin:
-        admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
-
-
-def test_two_workers_on_postgresql(project, postgres_url):
-    _workers_test(project, [f"tune.storage={postgres_url}", "tune.heartbeat_s=1"], settle=3.5)
-
-
-@pytest.fixture
-def mariadb_url():
-    import uuid
-
-    import pymysql
-
-    name = f"reprolab_test_{uuid.uuid4().hex[:8]}"
-    admin = pymysql.connect(host="127.0.0.1", port=3306, user="root", autocommit=True)
-    with admin.cursor() as cursor:
-        cursor.execute(f"CREATE DATABASE {name}")
-    yield f"mysql://root@127.0.0.1:3306/{name}"
-    with admin.cursor() as cursor:
-        cursor.execute(f"DROP DATABASE {name}")
-    admin.close()
-
-
-def test_a_mysql_url_works_with_the_installed_driver(project, mariadb_url):
-    cfg = project(f"tune.storage={mariadb_url}", "tune.n_trials=2", "tune.epochs=1")
-    summary = tune.run(cfg)
-    assert summary["trials_complete"] + summary["trials_pruned"] == 2
-    assert len(_study(cfg).trials) == 2
-    assert not cfg.optuna_journal.exists()
 
 
 def test_sqlite_storage_refuses_several_workers(make_config, tmp_path):
@@ -260,26 +147,3 @@ def test_invalid_space_from_the_command_line_touches_no_storage(tmp_path):
     (line,) = proc.stderr.strip().splitlines()
     assert "tune.optimizers" in line and "lion" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
-
-
-def test_outputs_wait_for_trials_running_elsewhere(make_config, tmp_path):
-    """The owner of a study writes its outputs only once no trial is running: a trial of a live
-    worker is waited for, one of a dead worker on this machine is failed."""
-    import subprocess
-    import threading
-
-    import optuna
-
-    cfg = make_config()
-    storage = tune.open_storage(cfg)
-    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    gone, live = study.ask(), study.ask()
-    gone.set_user_attr("worker", f"{tune.socket.gethostname()}:{dead.pid}")
-    live.set_user_attr("worker", tune._worker_id())
-    threading.Timer(1.0, study.tell, (live, 0.5)).start()
-
-    tune.await_running_trials(cfg, study, storage, poll_s=0.1)
-    states = [t.state.name for t in study.get_trials(deepcopy=False)]
-    assert states == ["FAIL", "COMPLETE"]

@@ -173,7 +173,14 @@ class Tune(_Section):
     storage: StrictStr | None
     workers: Int = Field(ge=1)
     heartbeat_s: Int = Field(ge=1)
+    max_failed: Int | None = Field(ge=1)  # null: 2 x n_trials
     pruner: Literal["median", "successive_halving", "hyperband", "none"]
+
+    @property
+    def failure_limit(self) -> int:
+        """Failed trials after which the study stops: a space where every trial diverges ends
+        with an error instead of failing trials forever."""
+        return self.max_failed or 2 * self.n_trials
 
     @model_validator(mode="after")
     def _ranges(self) -> Tune:
@@ -261,6 +268,16 @@ with warnings.catch_warnings():
         def model_file(self) -> Path:
             """train's checkpoint of the final model: evaluate measures it, register binds to it."""
             return self.models_dir / "model.pt"
+
+        @property
+        def metrics_file(self) -> Path:
+            """evaluate's test metrics: register reads them."""
+            return self.report_dir("evaluate") / "metrics.json"
+
+        @property
+        def evaluated_file(self) -> Path:
+            """Which model evaluate measured (sha256): register checks it is the one in models/."""
+            return self.report_dir("evaluate") / "evaluated.json"
 
         def report_dir(self, stage: str) -> Path:
             return self._path(self.paths.reports) / stage
@@ -409,10 +426,41 @@ def load_config(
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     tree = apply_overrides(tree, list(overrides))
+    source = f"{path}" + (" with -S overrides" if overrides else "")
+    return _validate(tree, source, path.resolve().parent)
+
+
+def _validate(tree: dict[str, Any], source: str, base_dir: Path) -> Config:
     try:
         cfg = Config.model_validate(tree)
     except ValidationError as exc:
-        source = f"{path}" + (" with -S overrides" if overrides else "")
         raise ConfigError(f"{source}: {_describe(exc.errors()[0])}") from None
-    cfg._base_dir = path.resolve().parent
+    cfg._base_dir = base_dir
     return cfg
+
+
+def with_train(cfg: Config, values: dict[str, Any], source: str) -> Config:
+    """`cfg` with `values` in place of keys of its train section, validated like params.yaml:
+    tuned hyperparameters (and a tuning trial's point) become the config that trains."""
+    tree = cfg.as_dict()
+    tree["train"] = {**tree["train"], **values}
+    return _validate(tree, source, cfg.base_dir)
+
+
+def with_tuned(cfg: Config) -> Config:
+    """The config that trains: with train.use_tuned, tune's best params override the train
+    section. Its params_hash tells two differently tuned models apart."""
+    if not cfg.train.use_tuned:
+        return cfg
+    path = cfg.best_params_file
+    if not path.is_file():
+        raise ConfigError(
+            f"{path}: not found; run `reprolab tune` first, or set train.use_tuned: false"
+        )
+    try:
+        best = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        best = None
+    if not isinstance(best, dict):
+        raise ConfigError(f"{path}: expected a mapping of train keys (lr, optimizer, ...)")
+    return with_train(cfg, best, str(path))

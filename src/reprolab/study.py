@@ -1,0 +1,509 @@
+"""How the trials of one Optuna study get run: the storage, the budget, the workers and their
+faults. Not a stage: `tune.py` owns the space, the objective and the outputs, this module owns
+the rest, and imports no stage module (local workers start a function that `tune` hands in).
+
+The rules it keeps, whatever crashes, stalls or gets killed:
+- the study ends with exactly `n_trials` finished trials (complete + pruned) across all workers
+  and restarts; retried (WAITING) trials are work still to do;
+- a trial whose worker is gone ends FAIL, and its MLflow run (a trial user attribute) ends too;
+- failed trials are bounded, so a space where every trial fails ends instead of looping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+FINISHED = ("COMPLETE", "PRUNED")
+# trial user attributes
+WORKER = "worker"  # host:pid of the process running the trial
+RUN = "reprolab.mlflow_run"  # the trial's MLflow run
+WORKER_RUN = "reprolab.worker_run"  # the MLflow parent run its process owns (not a spawned one)
+SURPLUS = "reprolab.surplus"  # started after the budget was taken; never ran
+
+
+# ---- storage ----
+
+
+def database_url(url: str) -> str:
+    """SQLAlchemy's plain `mysql://` and `mariadb://` mean the mysqlclient driver, which needs
+    C headers to build; the PyMySQL driver installed with reprolab serves them instead."""
+    for scheme in ("mysql", "mariadb"):
+        if url.startswith(f"{scheme}://"):
+            return f"{scheme}+pymysql://" + url.removeprefix(f"{scheme}://")
+    return url
+
+
+def open_storage(url: str | None, journal: Path, heartbeat_s: int) -> Any:
+    """The journal file when `url` is None (its torn tail repaired first); else a database with
+    heartbeats, so that a killed worker's trial is failed (and retried once) instead of staying
+    RUNNING forever."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    # heartbeats, fail_stale_trials, the retry callback and the matplotlib plots are marked
+    # experimental; Optuna's own log lines follow this command's level (-q: warnings only)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(max(logging.getLogger().getEffectiveLevel(), logging.INFO))
+    if url:
+        return optuna.storages.RDBStorage(
+            database_url(url),
+            heartbeat_interval=heartbeat_s,
+            grace_period=3 * heartbeat_s,
+            heartbeat_stale_trial_callback=EndRunsAndRetry(),
+        )
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    repair_journal(journal)
+    return JournalStorage(JournalFileBackend(str(journal)))
+
+
+def repair_journal(path: Path) -> Path | None:
+    """Cut a torn last record (a partial line, as after a crash or a full disk) off the journal.
+
+    Optuna reads past a torn tail, but the next append glues its record onto it, and from then on
+    every load raises JSONDecodeError. The original file stays beside it as `<name>.torn-<n>`.
+    -> that backup, or None when the tail is whole. Holds the journal's own lock, so that a
+    record another process is appending right now is not taken for a torn one.
+    """
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    lock = JournalFileSymlinkLock(str(path))
+    lock.acquire()
+    try:
+        size, keep = path.stat().st_size, _end_of_whole_records(path)
+        if keep == size:
+            return None
+        backup = _free_name(path, "torn")
+        shutil.copyfile(path, backup)
+        os.truncate(path, keep)
+    finally:
+        lock.release()
+    log.warning("tune: %s ended in a torn record (%d bytes); cut off, the original is kept as %s",
+                path, size - keep, backup.name)
+    return backup
+
+
+def _end_of_whole_records(path: Path, chunk: int = 1 << 16) -> int:
+    """Offset just after the last line that is a whole record (newline-terminated JSON)."""
+    with path.open("rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        tail, start = b"", size
+        while start > 0:  # read backwards until the line before the last one ends in the block
+            step = min(chunk, start)
+            start -= step
+            f.seek(start)
+            tail = f.read(step) + tail
+            cut = tail.rfind(b"\n", 0, len(tail) - 1)
+            if cut >= 0:
+                tail, start = tail[cut + 1:], start + cut + 1
+                break
+    if tail.endswith(b"\n"):
+        with contextlib.suppress(ValueError):  # JSONDecodeError, UnicodeDecodeError
+            json.loads(tail)
+            return size
+    return start
+
+
+def _free_name(path: Path, tag: str) -> Path:
+    n = 1
+    while path.with_name(f"{path.name}.{tag}-{n}").exists():
+        n += 1
+    return path.with_name(f"{path.name}.{tag}-{n}")
+
+
+def open_study(storage: Any, name: str, pruner: Any) -> Any:
+    import optuna
+
+    return optuna.create_study(study_name=name, storage=storage, direction="maximize",
+                               pruner=pruner, load_if_exists=True)
+
+
+def worker_seed(study: Any, seed: int, worker_index: int) -> int:
+    """A seed of its own for each worker and for each resumption, so that neither two workers
+    nor a rerun repeat the points already proposed; a fresh study's worker 0 uses `seed`."""
+    existing = len(study.get_trials(deepcopy=False))
+    return (seed + 7919 * worker_index + 104729 * existing) % 2**32
+
+
+def grid_sampler(grid: dict[str, list[Any]], seed: int) -> Any:
+    """Optuna's GridSampler, minus its study.stop() once the grid is exhausted: that works only
+    inside Study.optimize, and run_trials (ask and tell) checks is_exhausted itself."""
+    import optuna
+
+    class Grid(optuna.samplers.GridSampler):
+        def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+            pass
+
+    return Grid(grid, seed=seed)
+
+
+# ---- counting ----
+
+
+def _states(*names: str) -> tuple[Any, ...]:
+    from optuna.trial import TrialState
+
+    return tuple(TrialState[name] for name in names)
+
+
+def is_surplus(trial: Any) -> bool:
+    return bool(trial.user_attrs.get(SURPLUS))
+
+
+@dataclass(frozen=True)
+class Count:
+    finished: int  # complete + pruned
+    running: int
+    waiting: int  # retries of failed trials, queued for whichever worker asks next
+    failed: int  # not counting surplus trials, which never ran
+
+
+def count(study: Any) -> Count:
+    trials = study.get_trials(deepcopy=False)
+    names = [t.state.name for t in trials]
+    return Count(
+        finished=sum(names.count(s) for s in FINISHED),
+        running=names.count("RUNNING"),
+        waiting=names.count("WAITING"),
+        failed=sum(1 for t in trials if t.state.name == "FAIL" and not is_surplus(t)),
+    )
+
+
+# ---- workers that are gone ----
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """A killed worker process that its parent (maybe this very process) has not reaped yet."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no /proc (macOS), or it just went
+        return False
+    return stat.rpartition(")")[2].split()[0] == "Z"
+
+
+def end_runs_of(trial: Any) -> None:
+    """End the MLflow runs a failed trial's worker left RUNNING: the trial's, and the parent run
+    its process owned (a `--worker` or the stage's own process). A run that already ended (or
+    lives in another MLflow store) is left as it is."""
+    run_ids = [trial.user_attrs.get(key) for key in (RUN, WORKER_RUN)]
+    if not any(run_ids):
+        return
+    from reprolab import tracking
+
+    for run_id in filter(None, run_ids):
+        if tracking.end_run_by_id(run_id, "KILLED"):
+            log.warning("tune: MLflow run %s of failed trial %d ended KILLED", run_id,
+                        trial.number)
+
+
+class EndRunsAndRetry:
+    """Optuna's heartbeat-stale callback: the stale trial's MLflow runs end KILLED, then the
+    trial is queued once more as WAITING (Optuna's RetryHeartbeatStaleTrialCallback), without
+    the attributes of the worker and runs that are gone."""
+
+    def __call__(self, study: Any, trial: Any) -> None:
+        import optuna
+
+        log.warning("tune: trial %d (worker %s) sent no heartbeat; failed, retried once",
+                    trial.number, trial.user_attrs.get(WORKER, "?"))
+        end_runs_of(trial)
+        trial.user_attrs = {}
+        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)(study, trial)
+
+
+def fail_dead_local_trials(study: Any, storage: Any) -> int:
+    """The journal has no heartbeats: a RUNNING trial whose worker process on this machine is
+    gone is marked FAIL (its budget slot goes to a new trial) and its MLflow runs end KILLED."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    me, failed = socket.gethostname(), 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        host, _, pid = str(trial.user_attrs.get(WORKER, "")).rpartition(":")
+        if host != me or not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except UpdateFinishedTrialError:
+            continue  # another worker of this machine failed it first
+        log.warning("tune: trial %d of a dead worker (pid %s) marked FAIL", trial.number, pid)
+        end_runs_of(trial)
+        failed += 1
+    return failed
+
+
+def fail_lost_trials(study: Any, storage: Any) -> None:
+    """Fail the trials whose worker is gone: on a database, those whose heartbeat stopped
+    (EndRunsAndRetry runs for each); on the journal, those of dead processes on this machine."""
+    import optuna
+
+    if isinstance(storage, optuna.storages.RDBStorage):
+        optuna.storages.fail_stale_trials(study)
+    else:
+        fail_dead_local_trials(study, storage)
+
+
+def await_running_trials(study: Any, storage: Any, poll_s: float = 1.0) -> None:
+    """The outputs are written from a settled study: wait for trials that other workers (on
+    other machines) are still running, failing those whose worker is gone."""
+    said = 0.0
+    while True:
+        fail_lost_trials(study, storage)
+        running = study.get_trials(deepcopy=False, states=_states("RUNNING"))
+        if not running:
+            return
+        if time.monotonic() - said > 60:
+            said = time.monotonic()
+            log.info("tune: waiting for %d running trial(s) of other workers: %s", len(running),
+                     ", ".join(f"{t.number} ({t.user_attrs.get(WORKER, '?')})"
+                               for t in running))
+        time.sleep(poll_s)
+
+
+# ---- one trial ----
+
+
+@contextlib.contextmanager
+def heartbeat(storage: Any, trial_id: int) -> Iterator[None]:
+    """Database storages: record the trial's heartbeat every heartbeat_interval seconds while it
+    runs (what Study.optimize does; `run_trial` uses ask and tell to survive a trial failed
+    under it)."""
+    interval = getattr(storage, "heartbeat_interval", None)
+    if not interval:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            storage.record_heartbeat(trial_id)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _surplus(study: Any, trial: Any, n_trials: int) -> bool:
+    """Trial numbers are handed out by the storage, once each: a trial with `n_trials` live,
+    queued or finished trials ahead of it is surplus, whichever worker asked for it."""
+    ahead = study.get_trials(deepcopy=False, states=_states(*FINISHED, "RUNNING", "WAITING"))
+    return sum(1 for t in ahead if t.number < trial.number) >= n_trials
+
+
+def run_trial(study: Any, storage: Any, objective: Callable[[Any], float], n_trials: int,
+              claim: dict[str, str], catch: tuple[type[BaseException], ...]) -> None:
+    """Ask for a trial (a queued retry first), run `objective` on it and tell the result.
+
+    `claim` goes onto the trial first (who runs it); an exception in `catch` fails the trial
+    and the study goes on. A trial that was failed under this worker while it stalled (its
+    heartbeat went stale) is left as the others decided: this worker goes on with a new one.
+    """
+    import optuna
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    with warnings.catch_warnings():
+        # Optuna warns that heartbeats are meant for Study.optimize; heartbeat() below beats
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+        trial = study.ask()
+    if _surplus(study, trial, n_trials):
+        trial.set_user_attr(SURPLUS, True)
+        study.tell(trial, state=TrialState.FAIL)
+        return
+    value, state = None, TrialState.COMPLETE
+    try:
+        for key, attr in claim.items():
+            trial.set_user_attr(key, attr)
+        with heartbeat(storage, trial._trial_id):
+            try:
+                value = objective(trial)
+            except optuna.TrialPruned:
+                value, state = None, TrialState.PRUNED
+            except catch as exc:
+                log.warning("tune: trial %d failed: %s", trial.number, exc)
+                value, state = None, TrialState.FAIL
+    except UpdateFinishedTrialError:
+        pass  # it was failed under us: see below
+    except BaseException:  # Ctrl-C, SIGTERM, a bug: the trial must not stay RUNNING
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        raise
+    if storage.get_trial(trial._trial_id).state.is_finished():
+        log.warning("tune: trial %d was failed under this worker (it stalled longer than the "
+                    "heartbeat grace period); going on with new trials", trial.number)
+        return
+    study.tell(trial, value, state=state, skip_if_finished=True)
+    if state == TrialState.COMPLETE:
+        log.info("tune: trial %d finished: %.4f with %s", trial.number, value, trial.params)
+
+
+# ---- the budget ----
+
+
+@dataclass(frozen=True)
+class Budget:
+    n_trials: int  # finished trials the study ends with
+    max_failed: int  # the study stops after this many failed trials
+    timeout_s: float | None  # no new trials after this many seconds
+
+
+def run_trials(study: Any, storage: Any, budget: Budget, objective: Callable[[Any], float],
+               claim: dict[str, str], catch: tuple[type[BaseException], ...], owner: bool,
+               progress: bool = False, poll_s: float = 0.5) -> str:
+    """Run trials until the study has budget.n_trials finished ones, counted across every
+    worker and every earlier invocation. -> why it stopped: "budget", "timeout", "grid"
+    (every grid point tried) or "failures" (budget.max_failed failed trials).
+
+    The owner (the process that writes the outputs) does not stop while the budget is still
+    open: it waits for the trials of other workers and runs the retries of those that failed;
+    other workers stop as soon as nothing is left for them to start.
+    """
+    import optuna
+    from tqdm.auto import tqdm
+
+    deadline = time.monotonic() + budget.timeout_s if budget.timeout_s else None
+    bar = tqdm(total=budget.n_trials, desc="tune", unit="trial",
+               disable=not (progress and sys.stderr.isatty()))
+    try:
+        while True:
+            fail_lost_trials(study, storage)
+            now = count(study)
+            bar.update(now.finished - bar.n)
+            if now.finished >= budget.n_trials:
+                return "budget"
+            if now.failed >= budget.max_failed:
+                return "failures"
+            if deadline is not None and time.monotonic() >= deadline:
+                log.info("tune: tune.timeout_s reached; no new trials")
+                return "timeout"
+            if isinstance(study.sampler, optuna.samplers.GridSampler) and \
+                    study.sampler.is_exhausted(study):
+                log.info("tune: every point of the grid has been tried")
+                return "grid"
+            if now.finished + now.running >= budget.n_trials and not now.waiting:
+                if not owner:
+                    return "budget"  # the rest is being run by other workers
+                time.sleep(poll_s)  # one of them may fail and come back as a retry
+                continue
+            run_trial(study, storage, objective, budget.n_trials, claim, catch)
+    finally:
+        bar.close()
+
+
+# ---- local worker processes ----
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM ends this process like Ctrl-C: its trial fails, its MLflow runs end KILLED and
+    its worker processes are stopped, instead of all of them being cut off mid-write."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def exit_with_parent() -> None:
+    """A spawned worker stops (as on SIGTERM) once the process that started it is gone, even
+    after a kill -9 of it: no orphan goes on running trials."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _await_ready(processes: list[Any], ready: Any, patience_s: float = 300) -> None:
+    """Wait until every spawned worker has its data loaded, so that all start trials together
+    (one that dies or stays silent for patience_s is not waited for)."""
+    import queue
+
+    waiting, deadline = len(processes), time.monotonic() + patience_s
+    while waiting and time.monotonic() < deadline:
+        try:
+            ready.get(timeout=0.5)
+            waiting -= 1
+        except queue.Empty:
+            if any(p.exitcode is not None for p in processes):
+                return
+    if waiting:
+        log.warning("tune: %d worker(s) not ready after %.0f s; starting without", waiting,
+                    patience_s)
+
+
+def _stop(processes: list[Any], patience_s: float = 30) -> None:
+    for process in processes:
+        if process.is_alive():
+            process.terminate()  # SIGTERM: its trial fails, its runs end KILLED
+    deadline = time.monotonic() + patience_s
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+@contextlib.contextmanager
+def local_workers(target: Callable[..., None], args: list[tuple[Any, ...]]) -> Iterator[list[Any]]:
+    """Start one process (spawn) per args tuple, running target(*args, ready), where `ready` is a
+    queue the worker puts into once it can start trials; yields once all are ready. On the way
+    out they are joined; on an exception (Ctrl-C, SIGTERM) they are stopped first."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    ready = context.Queue()
+    processes = [context.Process(target=target, args=(*a, ready)) for a in args]
+    for process in processes:
+        process.start()
+    try:
+        _await_ready(processes, ready)
+        yield processes
+    except BaseException:
+        _stop(processes)
+        raise
+    finally:
+        for process in processes:
+            process.join()
+
+
+def dead_workers(processes: list[Any]) -> list[Any]:
+    return [p for p in processes if p.exitcode]

@@ -1,0 +1,365 @@
+"""Study mechanics on real storages (the journal file, PostgreSQL): many workers, one budget,
+and the faults they meet: a worker killed or stopped inside a trial, every trial diverging,
+SIGTERM of the stage, a torn journal. Each ends with exactly the budget, nothing RUNNING in the
+study or in MLflow, or one clear error."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import TINY
+from reprolab import study as mechanics
+from reprolab import tune
+from reprolab.errors import ReprolabError
+
+RUN = mechanics.RUN  # the trial user attribute that holds its MLflow run
+# Trials of a second or so: long enough to be killed inside one.
+SLOW_TRIALS = ["tune.epochs=2", "train.batch_size=16", "tune.pruner=none", "tune.sampler=random"]
+
+
+def _study(cfg, storage=None):
+    import optuna
+
+    from reprolab.data import load_meta
+
+    storage = storage or mechanics.open_storage(cfg.tune.storage, cfg.optuna_journal,
+                                                cfg.tune.heartbeat_s)
+    return optuna.load_study(study_name=tune.study_name(cfg, load_meta(cfg.processed_dir)),
+                             storage=storage)
+
+
+def _check_exact_budget(cfg, n):
+    from optuna.trial import TrialState
+
+    trials = _study(cfg).get_trials(deepcopy=False)
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == n
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    points = [(t.params["optimizer"], t.params["lr"]) for t in finished]
+    assert len(set(points)) == len(points)  # workers do not repeat each other
+    return trials
+
+
+def _runs(experiment: str) -> list:
+    exp = MlflowClient().get_experiment_by_name(experiment)
+    return MlflowClient().search_runs([exp.experiment_id], max_results=1000)
+
+
+def _status(run_id: str) -> str:
+    return MlflowClient().get_run(run_id).info.status
+
+
+def _assert_no_run_left_running(experiment: str) -> None:
+    running = [r.info.run_name for r in _runs(experiment) if r.info.status == "RUNNING"]
+    assert not running
+
+
+def _start_worker(cfg, overrides) -> subprocess.Popen:
+    """`reprolab tune --worker` in a process of its own (a session of its own: a test that
+    fails leaves no process behind)."""
+    args = [sys.executable, "-m", "reprolab", "tune", "--worker", "-q",
+            "--params", str(cfg.base_dir / "params.yaml")]
+    for item in [*TINY, *overrides]:
+        args += ["-S", item]
+    return subprocess.Popen(args, cwd=cfg.base_dir, env=dict(os.environ), text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def _await_trial_of(cfg, proc: subprocess.Popen, patience_s: float = 120) -> int:
+    """-> the number of the first trial that `proc` runs, once it is inside it."""
+    from optuna.trial import TrialState
+
+    deadline = time.monotonic() + patience_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        try:
+            trials = _study(cfg).get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        except KeyError:  # the worker has not created the study yet
+            trials = []
+        mine = [t for t in trials if t.user_attrs.get("worker", "").endswith(f":{proc.pid}")
+                and RUN in t.user_attrs]  # its MLflow run started
+        if mine:
+            return mine[0].number
+        time.sleep(0.1)
+    raise AssertionError("the worker never started a trial")
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _workers_test(project, experiment, storage_overrides):
+    overrides = [f"tracking.experiment={experiment}", "tune.workers=2", "tune.n_trials=5",
+                 *SLOW_TRIALS, *storage_overrides]
+    cfg = project(*overrides)
+    summary = tune.run(cfg)
+    assert summary["trials_complete"] == 5
+    trials = _check_exact_budget(cfg, 5)
+    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers ran trials
+    assert tune.run(cfg)["trials_complete"] == 5  # a rerun adds none
+
+    # A `--worker` killed inside a trial; the stage's process starts at once, while that trial
+    # is still RUNNING: it must wait for it to be failed, run what is missing, and end the
+    # dead worker's runs.
+    more = [*overrides, "tune.n_trials=6", "tune.workers=1"]
+    proc = _start_worker(cfg, more)
+    try:
+        killed = _await_trial_of(cfg, proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        _kill_group(proc)
+    tune.run(project(*more))
+    trials = _check_exact_budget(cfg, 6)
+    dead = trials[killed]
+    assert dead.state.name == "FAIL"
+    assert _status(dead.user_attrs[RUN]) == "KILLED"
+    assert _status(dead.user_attrs["reprolab.worker_run"]) == "KILLED"  # its parent run
+    _assert_no_run_left_running(experiment)
+    return trials, killed
+
+
+def test_two_workers_on_the_journal(project):
+    _workers_test(project, "study-journal", [])
+
+
+@pytest.fixture
+def postgres_url():
+    import uuid
+
+    import psycopg
+
+    name = f"reprolab_test_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(host="127.0.0.1", port=5432, dbname="test", autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+        user = admin.info.user
+    yield f"postgresql://{user}@127.0.0.1:5432/{name}"
+    with psycopg.connect(host="127.0.0.1", port=5432, dbname="test", autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def test_two_workers_on_postgresql(project, postgres_url):
+    trials, killed = _workers_test(project, "study-postgresql",
+                                   [f"tune.storage={postgres_url}", "tune.heartbeat_s=1"])
+    # the heartbeat failed the trial and queued it again; the stage's process ran the retry
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == killed]
+    assert retry.state.name == "COMPLETE"
+    assert retry.params == trials[killed].params
+
+
+@pytest.mark.slow
+def test_a_stopped_worker_goes_on_after_its_trial_was_retried(project, postgres_url):
+    """SIGSTOP of a `--worker` inside a trial, SIGCONT 5 s later (heartbeat 1 s, failed after
+    3 s): the stage's process retries and finishes the budget; the resumed worker finds its
+    trial failed, leaves it so and ends cleanly."""
+    overrides = [f"tune.storage={postgres_url}", "tune.heartbeat_s=1", "tune.n_trials=4",
+                 "tracking.experiment=study-sigstop", *SLOW_TRIALS]
+    cfg = project(*overrides)
+    proc = _start_worker(cfg, overrides)
+    try:
+        stopped = _await_trial_of(cfg, proc)
+        os.kill(proc.pid, signal.SIGSTOP)
+        threading.Timer(5.0, os.kill, (proc.pid, signal.SIGCONT)).start()
+        summary = tune.run(cfg)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        _kill_group(proc)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err
+    assert f"trial {stopped} was failed under this worker" in err
+    assert summary["trials_complete"] == 4
+    trials = _check_exact_budget(cfg, 4)
+    assert trials[stopped].state.name == "FAIL"
+    _assert_no_run_left_running("study-sigstop")
+
+
+@pytest.mark.parametrize(("max_failed", "failed"), [("null", 4), ("3", 3)])
+def test_a_space_where_every_trial_diverges_ends_with_one_error(project, max_failed, failed):
+    experiment = f"study-diverge-{failed}"
+    # sgd at lr 1e4 and above: the loss is no longer finite after a few steps, in every trial
+    cfg = project(f"tracking.experiment={experiment}", "tune.lr_low=1e4", "tune.lr_high=1e6",
+                  "tune.optimizers=[sgd]", "tune.n_trials=2", "tune.epochs=1",
+                  f"tune.max_failed={max_failed}")
+    started = time.monotonic()
+    with pytest.raises(ReprolabError) as error:
+        tune.run(cfg)
+    assert time.monotonic() - started < 60
+    message = str(error.value)
+    assert "\n" not in message and error.value.exit_code == 1
+    assert f"stopped after {failed} failed trials (tune.max_failed = {failed})" in message
+    assert "in the space lr 10000..1e+06 with optimizers sgd;" in message
+    states = [t.state.name for t in _study(cfg).get_trials(deepcopy=False)]
+    assert states == ["FAIL"] * failed  # null: 2 x tune.n_trials
+    assert sorted(r.info.status for r in _runs(experiment)) == ["FAILED"] * (failed + 1)
+    assert not cfg.best_params_file.exists()
+
+
+def _kill_a_spawned_worker(cfg, killed: list[int]) -> None:
+    """Kill -9 the first worker process other than this one seen inside a trial."""
+    from optuna.trial import TrialState
+
+    storage, deadline = None, time.monotonic() + 120
+    while time.monotonic() < deadline and not killed:
+        time.sleep(0.1)
+        try:
+            storage = storage or mechanics.open_storage(None, cfg.optuna_journal, 1)
+            trials = _study(cfg, storage).get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        except KeyError:  # no study yet
+            continue
+        for trial in trials:
+            pid = int(trial.user_attrs.get("worker", ":0").rpartition(":")[2])
+            if pid and pid != os.getpid() and RUN in trial.user_attrs:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(trial.number)
+                return
+
+
+def test_a_dead_local_worker_costs_only_its_trial(project, caplog):
+    experiment = "study-dead-local"
+    cfg = project(f"tracking.experiment={experiment}", "tune.workers=2", "tune.n_trials=5",
+                  *SLOW_TRIALS)
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_a_spawned_worker, args=(cfg, killed), daemon=True)
+    killer.start()
+    summary = tune.run(cfg)  # returns: the stage exits 0
+    killer.join()
+    assert killed
+    assert summary["trials_complete"] == 5
+    trials = _check_exact_budget(cfg, 5)
+    assert trials[killed[0]].state.name == "FAIL"
+    warnings = [r.getMessage() for r in caplog.records if "ended early" in r.getMessage()]
+    assert warnings == ["tune: 1 worker process(es) ended early (exit codes [-9]); the others "
+                        "finished the budget"]
+    assert _status(trials[killed[0]].user_attrs[RUN]) == "KILLED"
+    _assert_no_run_left_running(experiment)
+
+
+def _process_left(pid: int) -> bool:
+    """A process that still runs (a zombie awaiting its reaper does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+def test_sigterm_of_tune_ends_its_runs_killed_and_stops_its_workers(project):
+    from optuna.trial import TrialState
+
+    experiment = "study-sigterm"
+    overrides = [f"tracking.experiment={experiment}", "tune.workers=2", "tune.n_trials=30",
+                 *SLOW_TRIALS]
+    cfg = project(*overrides)
+    args = [sys.executable, "-m", "reprolab", "tune", "-q",
+            "--params", str(cfg.base_dir / "params.yaml")]
+    for item in [*TINY, *overrides]:
+        args += ["-S", item]
+    proc = subprocess.Popen(args, cwd=cfg.base_dir, env=dict(os.environ), text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        deadline, workers = time.monotonic() + 120, set()
+        while len(workers) < 2:  # both processes inside a trial
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+            try:
+                running = _study(cfg).get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            except KeyError:
+                continue
+            workers = {int(t.user_attrs["worker"].rpartition(":")[2]) for t in running
+                       if RUN in t.user_attrs}
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        time.sleep(0.5)
+        left = [pid for pid in workers if _process_left(pid)]
+    finally:
+        _kill_group(proc)
+    assert proc.returncode == 130, err[-3000:]
+    assert not left  # the spawned worker stopped with the stage
+    trials = _study(cfg).get_trials(deepcopy=False)
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    _assert_no_run_left_running(experiment)
+    (parent,) = [r for r in _runs(experiment) if r.info.run_name.startswith("tune-")]
+    assert parent.info.status == "KILLED"
+    interrupted = [t for t in trials if t.state == TrialState.FAIL]
+    assert interrupted  # the trials SIGTERM came in the middle of
+    assert {_status(t.user_attrs[RUN]) for t in interrupted} == {"KILLED"}
+
+
+# ---- the journal ----
+
+
+def test_a_torn_journal_tail_is_cut_off_and_kept(project, caplog):
+    cfg = project("tracking.experiment=study-torn", "tune.n_trials=2", "tune.epochs=1")
+    tune.run(cfg)
+    journal = cfg.optuna_journal
+    whole = journal.read_bytes()
+    last = whole.splitlines(keepends=True)[-1]
+    journal.write_bytes(whole + last[: len(last) // 2])  # a record cut off mid-write
+
+    summary = tune.run(project("tracking.experiment=study-torn", "tune.n_trials=3",
+                               "tune.epochs=1"))  # the same study goes on: it appends
+    assert summary["trials_complete"] + summary["trials_pruned"] == 3
+    backup = journal.with_name(journal.name + ".torn-1")
+    assert backup.read_bytes() == whole + last[: len(last) // 2]
+    repaired = journal.read_bytes()
+    assert repaired.startswith(whole)
+    for line in repaired.splitlines():  # every record whole: the next load works too
+        json.loads(line)
+    assert len(_study(cfg).trials) == 3
+    (warning,) = [r.getMessage() for r in caplog.records if "torn" in r.getMessage()]
+    assert f"cut off, the original is kept as {backup.name}" in warning
+
+
+@pytest.mark.parametrize("tail", [
+    b'{"op_code":4,"worker_id":"a","study_id":0,"datetime_st',  # no newline
+    b'{"op_code":4,"worker_id":"a"\n',  # a newline, but not a whole record
+    b"\n",
+])
+def test_repair_journal_cuts_only_a_torn_last_record(tmp_path, tail):
+    records = b'{"op_code":0,"study_name":"s"}\n{"op_code":4,"study_id":0}\n'
+    journal = tmp_path / "optuna.journal"
+    journal.write_bytes(records)
+    assert mechanics.repair_journal(journal) is None  # whole: untouched, no backup
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["optuna.journal"]
+
+    journal.write_bytes(records + tail)
+    backup = mechanics.repair_journal(journal)
+    assert journal.read_bytes() == records
+    assert backup == tmp_path / "optuna.journal.torn-1"
+    assert backup.read_bytes() == records + tail
+    journal.write_bytes(records + tail)
+    assert mechanics.repair_journal(journal).name == "optuna.journal.torn-2"  # never overwritten
+
+
+def test_outputs_wait_for_trials_running_elsewhere(make_config):
+    """The owner of a study writes its outputs only once no trial is running: a trial of a live
+    worker is waited for, one of a dead worker on this machine is failed."""
+    import optuna
+
+    cfg = make_config()
+    storage = mechanics.open_storage(None, cfg.optuna_journal, 1)
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    gone, live = study.ask(), study.ask()
+    gone.set_user_attr("worker", f"{mechanics.socket.gethostname()}:{dead.pid}")
+    live.set_user_attr("worker", mechanics.worker_id())
+    threading.Timer(1.0, study.tell, (live, 0.5)).start()
+
+    mechanics.await_running_trials(study, storage, poll_s=0.1)
+    states = [t.state.name for t in study.get_trials(deepcopy=False)]
+    assert states == ["FAIL", "COMPLETE"]
