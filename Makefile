@@ -9,7 +9,7 @@ DEPS_HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
 STAMP := $(VENV)/.installed-$(DEPS_HASH)
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test bench ui lint clean
+.PHONY: setup run test bench ui lint lock clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,11 @@ $(STAMP):
 
 run: setup
 	dvc repro
+
+# After changing a stage's code or params: refresh dvc.lock (commit it with the change).
+lock: setup
+	dvc repro
+	@dvc status --quiet || { dvc status; echo "dvc.lock: stages still out of date" >&2; exit 1; }
 
 # The end-to-end module runs on one worker while the rest of the suite runs on the other.
 test: setup

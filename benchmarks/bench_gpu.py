@@ -56,7 +56,7 @@ def throughput_rows(device, images: int, rounds: int) -> list[Row]:
 
 
 def time_to_accuracy(device, mnist: Path, target: float) -> Row | None:
-    from reprolab import train
+    from reprolab import recipe
     from reprolab.data import load_split, load_training_data
     from reprolab.data.torchvision_sets import SPECS, missing_files
     from reprolab.engine import evaluate, fit, seed_everything
@@ -73,9 +73,8 @@ def time_to_accuracy(device, mnist: Path, target: float) -> Row | None:
     seed_everything(cfg.seed)
     meta, train_split, val_split = load_training_data(cfg.processed_dir, device)
     test_split = load_split(cfg.processed_dir, "test").to(device)
-    model = build(train.spec_for(cfg, meta)).to(device)
-    hyper = train.hyper_for(cfg, {"optimizer": cfg.train.optimizer, "lr": cfg.train.lr},
-                            cfg.train.epochs, device)
+    model = build(recipe.spec_for(cfg, meta)).to(device)
+    hyper = recipe.hyper_for(cfg, cfg.train.epochs, device)
     reached: dict[str, float] = {}
 
     def on_epoch(row: dict[str, float]) -> None:

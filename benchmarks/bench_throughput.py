@@ -50,7 +50,7 @@ def main() -> list[Row]:
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from reprolab import train
+    from reprolab import recipe
     from reprolab.data import load_split, load_training_data
     from reprolab.engine import evaluate, fit, seed_everything, select_device
     from reprolab.models import build
@@ -61,9 +61,8 @@ def main() -> list[Row]:
     device = select_device("cpu")
     meta, train_split, val_split = load_training_data(cfg.processed_dir, device)
     test_split = load_split(cfg.processed_dir, "test")
-    spec = train.spec_for(cfg, meta)
-    hyper = train.hyper_for(cfg, {"optimizer": cfg.train.optimizer, "lr": cfg.train.lr},
-                            EPOCHS, device)
+    spec = recipe.spec_for(cfg, meta)
+    hyper = recipe.hyper_for(cfg, EPOCHS, device)
     seed_everything(cfg.seed)
     initial = build(spec).state_dict()
     images = len(train_split) * EPOCHS

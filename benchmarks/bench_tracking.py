@@ -17,7 +17,7 @@ TARGET = "<= 1.02"
 
 def main() -> list[Row]:
     quiet()
-    from reprolab import train
+    from reprolab import recipe, train
     from reprolab.data import load_training_data
     from reprolab.engine import fit, seed_everything, select_device
     from reprolab.models import build
@@ -36,9 +36,8 @@ def main() -> list[Row]:
             device = select_device("cpu")
             seed_everything(cfg.seed)
             meta, train_split, val_split = load_training_data(cfg.processed_dir, device)
-            model = build(train.spec_for(cfg, meta)).to(device)
-            params = {"optimizer": cfg.train.optimizer, "lr": cfg.train.lr}
-            fit(model, train_split, val_split, train.hyper_for(cfg, params, epochs, device))
+            model = build(recipe.spec_for(cfg, meta)).to(device)
+            fit(model, train_split, val_split, recipe.hyper_for(cfg, epochs, device))
 
         samples = alternate(timed(tracked), timed(bare), rounds=7, warmup=warmup)
         row = row_from(samples, name=f"tracking overhead, digits simple_cnn {epochs} epochs",

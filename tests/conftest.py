@@ -54,6 +54,13 @@ def processed_once(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def training_run_id(cfg: Config) -> str:
+    """The run that trained cfg's models/model.pt, found as evaluate and register find it."""
+    from reprolab import tracking
+
+    return tracking.training_run_for(cfg.model_file)["run_id"]
+
+
 @pytest.fixture
 def make_config(tmp_path: Path) -> Callable[..., Config]:
     """-> load(*overrides): a Config for a fresh project in tmp_path (params.yaml copied)."""

@@ -6,6 +6,7 @@ pipeline once and checks everything about it.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow import MlflowClient
+
+from reprolab.io import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -58,7 +61,7 @@ def test_dvc_repro_runs_every_stage_and_writes_every_output(repro):
     for rel in (
         "data/raw/digits/manifest.json", "data/processed/meta.json", "data/processed/train.pt",
         "reports/tune/best_params.yaml", "reports/tune/summary.json", "models/model.pt",
-        "models/run.json", "reports/train/history.csv", "reports/evaluate/metrics.json",
+        "models/config.yaml", "reports/train/history.csv", "reports/evaluate/metrics.json",
         "reports/evaluate/predictions.csv", "reports/evaluate/confusion_matrix.png",
         "reports/register/decision.json", "dvc.lock",
     ):
@@ -66,6 +69,18 @@ def test_dvc_repro_runs_every_stage_and_writes_every_output(repro):
     # the stores sit at the repository root, outside every DVC output
     assert (dest / "mlflow.db").is_file()
     assert (dest / "optuna.journal").is_file()
+
+
+def test_two_clean_runs_write_the_same_lock(repro, tmp_path_factory):
+    """A second fresh copy, its own stores: every cached output hashes the same, so dvc.lock is
+    identical apart from register's decision (which is not cached)."""
+    dest, env, _, _ = repro
+    other = git_copy(tmp_path_factory.mktemp("clone2"), TINY)
+    sh("dvc", "repro", cwd=other, env=env)
+    first, second = (yaml.safe_load((d / "dvc.lock").read_text())["stages"]
+                     for d in (dest, other))
+    for stage in ("fetch", "preprocess", "tune", "train", "evaluate"):
+        assert first[stage] == second[stage], stage
 
 
 def test_second_repro_runs_nothing(repro):
@@ -80,8 +95,10 @@ def test_mlflow_holds_runs_study_and_registry(repro):
     exp = client.get_experiment_by_name("reprolab")
     assert exp.artifact_location == (dest / "mlartifacts").as_uri()
 
-    run_id = yaml.safe_load((dest / "models/run.json").read_text())["run_id"]
+    champion = client.get_model_version_by_alias("reprolab-classifier", "champion")
+    run_id = champion.run_id
     run = client.get_run(run_id)
+    assert run.data.tags["model.sha256"] == sha256_file(dest / "models/model.pt")
     assert run.info.status == "FINISHED"
     assert run.data.params["train.hparams_source"] == "tune"
     assert run.data.tags["dvc.stage"] == "train"
@@ -99,6 +116,11 @@ def test_mlflow_holds_runs_study_and_registry(repro):
     champion = client.get_model_version_by_alias("reprolab-classifier", "champion")
     assert str(champion.version) == "1"
     assert champion.tags["training_run_id"] == run_id
+    # DVC rewrote dvc.lock between the stages: that does not make a pristine clone dirty
+    assert champion.tags["git.dirty"] == "false"
+    assert run.data.tags["mlflow.source.git.commit"] == champion.tags["git.commit"]
+    assert run.data.tags["dvc.lock_sha256"] and "dvc.lock" in {
+        a.path for a in client.list_artifacts(run_id)}
     assert champion.tags["git.commit"] == sh("git", "rev-parse", "HEAD", cwd=dest,
                                              env=repro[1]).stdout.strip()
 
@@ -127,7 +149,7 @@ def test_predict_names_the_right_digits(repro, tmp_path):
     from PIL import Image
 
     from reprolab.data import load_split
-    from reprolab.train import load_checkpoint
+    from reprolab.models import load_checkpoint
 
     dest, env, _, _ = repro
     test = load_split(dest / "data/processed", "test")
@@ -138,7 +160,7 @@ def test_predict_names_the_right_digits(repro, tmp_path):
     out = sh("reprolab", "predict", "-q", "--model", "models:/reprolab-classifier@champion",
              *map(str, paths), cwd=dest, env=env).stdout.splitlines()
     labels = [line.split()[1] for line in out[1:]]
-    model, _ = load_checkpoint(dest / "models")  # the champion's weights, read independently
+    model, _ = load_checkpoint(dest / "models/model.pt")  # the champion, read independently
     expected = [str(int(i)) for i in model(test.x[:10].float()).argmax(1)]
     assert labels == expected
     truth = [str(int(y)) for y in test.y[:10]]
@@ -158,3 +180,41 @@ def test_mlflow_run_entry_point(repro):
     assert len(runs) == 1
     assert runs[0].info.status == "FINISHED"
     assert runs[0].data.tags["mlflow.project.entryPoint"] == "train"
+
+
+def test_verify_rebuilds_the_champion_identically(repro):
+    dest, env, _, _ = repro
+    out = sh("reprolab", "verify", "models:/reprolab-classifier@champion", cwd=dest,
+             env={**env, "MLFLOW_TRACKING_URI": f"sqlite:///{dest / 'mlflow.db'}"}).stdout
+    assert "identical" in out, out
+    # the rebuild left no worktree, no run in the store and no change in the clone behind
+    worktrees = sh("git", "worktree", "list", cwd=dest, env=env).stdout.splitlines()
+    assert len(worktrees) == 1
+    assert not sh("git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                  ":(exclude)dvc.lock", cwd=dest, env=env).stdout
+
+
+def test_a_dvc_remote_carries_data_and_model_to_another_clone(repro, tmp_path):
+    dest, env, _, _ = repro
+    remote = tmp_path / "remote"
+    sh("dvc", "remote", "add", "-d", "shared", str(remote), cwd=dest, env=env)
+    sh("dvc", "push", cwd=dest, env=env)
+    sh("git", "add", ".dvc/config", "dvc.lock", cwd=dest, env=env)
+    sh("git", "commit", "-q", "-m", "remote", cwd=dest, env=env)
+    clone = tmp_path / "clone"
+    sh("git", "clone", "-q", str(dest), str(clone), cwd=tmp_path, env=env)
+    sh("dvc", "pull", cwd=clone, env=env)
+    status = sh("dvc", "status", "--json", cwd=clone, env=env).stdout
+    changed = {stage for stage in json.loads(status) if stage != "register"}
+    assert not changed, status  # data, tune and the model are exactly what the lock names
+    # the pulled model is the one the lock names: the champion `dvc repro` registered
+    client = MlflowClient(tracking_uri=f"sqlite:///{dest / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias("reprolab-classifier", "champion")
+    assert sha256_file(clone / "models/model.pt") == champion.tags["model.sha256"]
+
+    # the clone has no MLflow store of its own: register says where the run is and what to set
+    proc = subprocess.run(["reprolab", "register"], cwd=clone, env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert "no finished training run" in line and "set MLFLOW_TRACKING_URI" in line

@@ -21,6 +21,7 @@ from conftest import REPO, TINY
 from reprolab import cli, evaluate, predict, register, train
 from reprolab.config import load_config
 from reprolab.data import load_split
+from reprolab.recipe import run_name
 from servers import free_port, get, post, serve, stop
 
 MODEL = "serving-test"
@@ -143,7 +144,7 @@ def test_mlflow_server_shows_runs_metrics_and_the_champion(pipeline):
         stop(proc)
     by_id = {r["info"]["run_id"]: r for r in runs}
     run = by_id[result.run_id]
-    assert run["info"]["run_name"] == train.run_name("simple_cnn", "adam", cfg.train.lr)
+    assert run["info"]["run_name"] == run_name("simple_cnn", "adam", cfg.train.lr)
     metrics = {m["key"] for m in run["data"]["metrics"]}
     assert {"train/loss", "val/loss", "val/accuracy", "test/accuracy", "test/f1_macro",
             "test/top5_accuracy"} <= metrics

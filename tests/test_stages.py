@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-import json
+import os
 
 import mlflow
 import numpy as np
@@ -12,10 +12,10 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from conftest import TINY
+from conftest import TINY, training_run_id
 from reprolab import evaluate, register, train, tune
 from reprolab.data import load_split
-from reprolab.io import read_json, sha256_file
+from reprolab.io import read_json, sha256_file, write_json
 
 
 def _runs(experiment: str, filter_string: str = "") -> list:
@@ -62,13 +62,13 @@ def test_train_evaluate_register_on_one_run(project):
     cfg = project("tracking.experiment=pipeline-test", "register.model_name=pipeline-test")
     result = train.run(cfg)
 
-    # outputs
-    run_info = read_json(cfg.models_dir / "run.json")
-    assert run_info["run_id"] == result.run_id
-    assert (cfg.models_dir / "model.pt").exists()
+    # outputs: no run id, path, time or timing inside; the run is found by the model's hash
+    assert sorted(p.name for p in cfg.models_dir.iterdir()) == ["config.yaml", "model.pt"]
+    assert training_run_id(cfg) == result.run_id
     assert yaml.safe_load((cfg.models_dir / "config.yaml").read_text()) == cfg.as_dict()
     rows = list(csv.DictReader((cfg.report_dir("train") / "history.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert not {"train/epoch_seconds", "train/images_per_second"} & set(rows[0])
 
     # the MLflow run
     run = MlflowClient().get_run(result.run_id)
@@ -77,6 +77,13 @@ def test_train_evaluate_register_on_one_run(project):
     assert run.data.params["train.lr"] == str(cfg.train.lr)
     assert run.data.params["train.hparams_source"] == "params"
     assert run.data.tags["params_hash"] == cfg.params_hash
+    assert run.data.tags["model.sha256"] == sha256_file(cfg.model_file)
+    assert run.data.tags["mlflow.source.name"] == "src/reprolab/train.py"
+    assert run.data.tags["torch.cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.source.endswith('"data/processed"}') or \
+        dataset.dataset.source == "data/processed", dataset.dataset.source
+    assert run.data.tags["data.processed_sha256"].startswith(dataset.dataset.digest)
     assert len(run.data.tags["data.manifest_sha256"]) == 64
     assert run.data.tags["git.commit"]
     assert run.data.tags["device"] == "cpu"
@@ -147,16 +154,17 @@ def test_evaluate_and_register_refuse_a_run_missing_from_the_store(project):
 
     cfg = project("tracking.experiment=missing-run", "train.epochs=1")
     train.run(cfg)
-    run_file = cfg.models_dir / "run.json"
-    info = read_json(run_file)
-    info["run_id"] = "0" * 32  # as if the store was deleted after training
-    run_file.write_text(json.dumps(info))
-    with pytest.raises(DataError, match=r"training run 0{32} is not in the MLflow store"):
+    # as if models/ came from elsewhere (a DVC remote): no run in this store wrote this model
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    MlflowClient().delete_tag(training_run_id(cfg), "model.sha256")
+    with pytest.raises(DataError, match=r"no finished training run with model.sha256 \w{12} in "
+                                        r"the MLflow store .*set MLFLOW_TRACKING_URI"):
         evaluate.run(cfg)
     assert not cfg.report_dir("evaluate").exists()  # nothing written
     (cfg.report_dir("evaluate")).mkdir(parents=True)
     (cfg.report_dir("evaluate") / "metrics.json").write_text('{"f1_macro": 0.5}')
-    with pytest.raises(DataError, match="is not in the MLflow store"):
+    write_json(cfg.evaluated_file, {"model_sha256": sha256_file(cfg.model_file)})
+    with pytest.raises(DataError, match="no finished training run"):
         register.run(cfg)
     assert not cfg.report_dir("register").exists()
 
@@ -170,10 +178,7 @@ def test_register_refuses_metrics_of_another_model(project, capsys):
     train.run(cfg)
     evaluate.run(cfg)
     metrics = read_json(cfg.report_dir("evaluate") / "metrics.json")
-    assert read_json(cfg.report_dir("evaluate") / "evaluated.json") == {
-        "model_sha256": sha256_file(cfg.model_file),
-        "training_run_id": read_json(cfg.models_dir / "run.json")["run_id"],
-    }
+    assert read_json(cfg.evaluated_file) == {"model_sha256": sha256_file(cfg.model_file)}
     chance = project("tracking.experiment=stale", f"register.model_name={name}",
                      "train.epochs=1", "train.lr=1e-6")
     train.run(chance)
@@ -193,6 +198,23 @@ def test_register_refuses_metrics_of_another_model(project, capsys):
     assert register.run(chance)["version"] == "1"
 
 
+def test_a_model_registered_twice_at_once_keeps_one_version(project):
+    """Two machines register the same model file in the same instant: both create a version;
+    the later one deletes its own and reports the first."""
+    cfg = project("tracking.experiment=twice", "register.model_name=twice-test", "train.epochs=1")
+    train.run(cfg)
+    evaluate.run(cfg)
+    assert register.run(cfg)["version"] == "1"
+    client = MlflowClient()
+    first = client.get_model_version("twice-test", "1")
+    second = client.create_model_version("twice-test", first.source, run_id=first.run_id,
+                                         tags=first.tags, model_id=first.model_id)
+    assert register.one_version_per_model("twice-test", str(second.version),
+                                          first.tags["model.sha256"]) == "1"
+    assert [str(v.version) for v in client.search_model_versions("name = 'twice-test'")] == ["1"]
+    assert register.run(cfg)["version"] == "1"
+
+
 def test_register_refuses_a_gate_other_than_the_models(project):
     from reprolab.errors import ConfigError
 
@@ -208,16 +230,35 @@ def test_register_refuses_a_gate_other_than_the_models(project):
     assert len(MlflowClient().search_model_versions("name = 'gate-test'")) == 1
 
 
-def test_train_with_use_tuned_reads_best_params(project):
+def test_tuned_values_become_the_config_that_trains(project):
+    from reprolab.config import with_tuned
+    from reprolab.errors import ConfigError
+    from reprolab.recipe import hyper_for
+
     cfg = project("train.use_tuned=true")
-    with pytest.raises(Exception, match="run `reprolab tune` first"):
-        train.resolve_hparams(cfg)
+    with pytest.raises(ConfigError, match="run `reprolab tune` first"):
+        with_tuned(cfg)
     cfg.best_params_file.parent.mkdir(parents=True)
     cfg.best_params_file.write_text("optimizer: rmsprop\nlr: 0.002\n")
-    assert train.resolve_hparams(cfg) == ({"optimizer": "rmsprop", "lr": 0.002}, "tune")
+    tuned = with_tuned(cfg)
+    assert (tuned.train.optimizer, tuned.train.lr) == ("rmsprop", 0.002)
+    assert tuned.params_hash != cfg.params_hash
+    assert tuned.train.epochs == cfg.train.epochs and tuned.base_dir == cfg.base_dir
     cfg.best_params_file.write_text("optimizer: sgd\nlr: 0.01\nbatch_size: 32\n")
-    params, _ = train.resolve_hparams(cfg)
-    assert train.hyper_for(cfg, params, 2, torch.device("cpu")).batch_size == 32
+    assert hyper_for(with_tuned(cfg), 2, torch.device("cpu")).batch_size == 32
+    # the same validator as params.yaml, naming the file and the key
     cfg.best_params_file.write_text("optimizer: lion\nlr: 0.002\n")
-    with pytest.raises(Exception, match="expected optimizer in"):
-        train.resolve_hparams(cfg)
+    with pytest.raises(ConfigError, match=r"best_params.yaml: train.optimizer = 'lion'"):
+        with_tuned(cfg)
+    cfg.best_params_file.write_text("lr: -1\n")
+    with pytest.raises(ConfigError, match=r"best_params.yaml: train.lr = -1"):
+        with_tuned(cfg)
+
+    # models/config.yaml is the resolved config: the tuned values that trained the model
+    cfg.best_params_file.write_text("optimizer: adamw\nlr: 0.003\n")
+    result = train.run(cfg)
+    written = yaml.safe_load((cfg.models_dir / "config.yaml").read_text())
+    assert (written["train"]["optimizer"], written["train"]["lr"]) == ("adamw", 0.003)
+    run = MlflowClient().get_run(result.run_id)
+    assert run.data.params["train.lr"] == "0.003"
+    assert run.data.tags["params_hash"] == with_tuned(cfg).params_hash

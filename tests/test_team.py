@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, training_run_id
 from reprolab import cli, evaluate, predict, register, train
 from reprolab.config import load_config
 from reprolab.data import load_split
+from reprolab.io import sha256_file
 from reprolab.register import replay
 from servers import BIN, free_port, mlflow_server, post, serve, stop
 
@@ -52,8 +53,8 @@ def server(tmp_path_factory):
             os.environ["MLFLOW_TRACKING_URI"] = old
 
 
-# Four machines: two train the same good model (a tie: the later one must not take over),
-# one a better model, one a chance-level model.
+# Four machines: two train the very same model (it is registered once), one a better model,
+# one a chance-level model.
 MACHINES = {
     "good": [],
     "twin": [],
@@ -75,7 +76,7 @@ def machines(server, tmp_path_factory, processed_once):
 
 
 def _run_id(cfg) -> str:
-    return json.loads((cfg.models_dir / "run.json").read_text())["run_id"]
+    return training_run_id(cfg)
 
 
 def _f1(cfg) -> float:
@@ -84,24 +85,25 @@ def _f1(cfg) -> float:
 
 
 def _aliases(name: str) -> dict[str, str | None]:
+    """alias -> the sha256 of the model it points at."""
     client = MlflowClient()
     out = {}
     for alias in ("champion", "challenger"):
         try:
-            out[alias] = client.get_model_version_by_alias(name, alias).run_id
+            out[alias] = client.get_model_version_by_alias(name, alias).tags["model.sha256"]
         except Exception:  # noqa: BLE001 (MlflowException: the alias is not set)
             out[alias] = None
     return out
 
 
-def _expected_in_order(runs_in_version_order: list[str], f1: dict[str, float]):
+def _expected_in_order(models_in_version_order: list[str], f1: dict[str, float]):
     """Registering one by one, by hand: a version is promoted when it beats the running best."""
     champion = challenger = None
-    for run_id in runs_in_version_order:
-        if champion is None or f1[run_id] > f1[champion]:
-            champion = run_id
+    for model in models_in_version_order:
+        if champion is None or f1[model] > f1[champion]:
+            champion = model
         else:
-            challenger = run_id
+            challenger = model
     return {"champion": champion, "challenger": challenger}
 
 
@@ -185,23 +187,24 @@ def test_racing_registrations_end_as_registering_in_version_order(server, machin
     client = MlflowClient()
     versions = sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(
         v.version))
-    assert len(versions) == len(machines)
-    order = [v.run_id for v in versions]
-    f1 = {_run_id(cfg): _f1(cfg) for cfg in machines.values()}
+    order = [v.tags["model.sha256"] for v in versions]
+    by_model = {sha256_file(cfg.model_file): cfg for cfg in machines.values()}
+    # good and twin trained the very same model: one version, also when both created theirs
+    assert sorted(order) == sorted(by_model)
+    f1 = {model: _f1(cfg) for model, cfg in by_model.items()}
     expected = _expected_in_order(order, f1)
     assert _aliases(name) == expected
     assert f1[expected["champion"]] == max(f1.values())
     # every process reports the registry's final state, not its own guess
+    champion = versions[order.index(expected["champion"])].version
     for cfg in machines.values():
         decision = json.loads((cfg.report_dir("register") / "decision.json").read_text())
-        champion = next(v for v in versions if v.run_id == expected["champion"])
-        assert decision["champion"] == str(champion.version)
+        assert decision["champion"] == str(champion)
 
-    # the same versions registered one by one, in the version order, into another model
-    by_run = {_run_id(cfg): cfg for cfg in machines.values()}
+    # the same models registered one by one, in the version order, into another model name
     sequential = f"team-sequential-{seed}"
-    for run_id in order:
-        cfg = by_run[run_id]
+    for model in order:
+        cfg = by_model[model]
         register.run(load_config(cfg.base_dir / "params.yaml", [
             *TINY, "tracking.experiment=team", f"register.model_name={sequential}"]))
     assert _aliases(sequential) == expected
@@ -241,9 +244,10 @@ def test_dvc_repro_runs_the_whole_pipeline_against_the_server(server, tmp_path):
     assert not (dest / "mlflow.db").exists()  # everything went to the server
 
     client = MlflowClient()
-    run_id = json.loads((dest / "models/run.json").read_text())["run_id"]
     champion = client.get_model_version_by_alias(name, "champion")
-    assert champion.run_id == run_id and champion.source.startswith("models:/m-")
+    run_id = champion.run_id
+    assert champion.tags["model.sha256"] == sha256_file(dest / "models/model.pt")
+    assert champion.source.startswith("models:/m-")
     assert "test/f1_macro" in client.get_run(run_id).data.metrics
     exp = client.get_experiment_by_name("reprolab")
     runs = client.search_runs([exp.experiment_id])

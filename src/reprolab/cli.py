@@ -24,6 +24,7 @@ STAGES = {
 # Commands that are not pipeline stages.
 TOOLS = {
     "predict": ("reprolab.predict", "class and probability for image files or directories"),
+    "verify": ("reprolab.verify", "rebuild a registered model from its commit and compare"),
 }
 COMMANDS = {**STAGES, **TOOLS}
 
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="model URI (default: models:/<register.model_name>@champion)")
     predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
     predict.add_argument("paths", nargs="*", metavar="PATH", help="image files or directories")
+    sub.choices["verify"].add_argument(
+        "model_uri", metavar="MODEL_URI",
+        help="a registered version: models:/NAME@ALIAS or models:/NAME/VERSION")
     return parser
 
 

@@ -15,9 +15,6 @@ from reprolab.io import atomic_path, sha256_file, write_json, write_text
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.json"
-# Which model the metrics measure (content hash) and its training run: register checks it.
-EVALUATED_FILE = "evaluated.json"
 PER_CLASS_FILE = "per_class.json"
 PREDICTIONS_FILE = "predictions.csv"
 CONFUSION_PNG = "confusion_matrix.png"
@@ -132,13 +129,14 @@ def run(cfg: Config) -> dict[str, float]:
     from reprolab import tracking
     from reprolab.data import load_meta, load_split
     from reprolab.engine import predict_proba
-    from reprolab.train import load_checkpoint, training_run
+    from reprolab.models import load_checkpoint
 
     meta = load_meta(cfg.processed_dir)
     test = load_split(cfg.processed_dir, "test")
-    model, _ = load_checkpoint(cfg.models_dir)  # refuses a missing model with one line
+    model, _ = load_checkpoint(cfg.model_file)  # refuses a missing model with one line
     model_hash = sha256_file(cfg.model_file)
-    run_info = training_run(cfg)
+    tracking.configure(cfg)
+    run_info = tracking.training_run_for(cfg.model_file)
     started = time.perf_counter()
     probs = predict_proba(model, test.x, cfg.evaluate.batch_size).numpy()
     throughput = len(test) / (time.perf_counter() - started)
@@ -147,9 +145,9 @@ def run(cfg: Config) -> dict[str, float]:
 
     metrics = classification_metrics(y_true, probs)
     out = cfg.report_dir("evaluate")
-    write_json(out / METRICS_FILE, metrics)
-    write_json(out / EVALUATED_FILE,
-               {"model_sha256": model_hash, "training_run_id": run_info["run_id"]})
+    write_json(cfg.metrics_file, metrics)
+    # which model these metrics measure; its training run is the one with this hash
+    write_json(cfg.evaluated_file, {"model_sha256": model_hash})
     write_json(out / PER_CLASS_FILE, per_class_report(y_true, y_pred, classes))
     write_text(out / PREDICTIONS_FILE, predictions_csv(y_true, y_pred, classes))
     write_confusion_png(out / CONFUSION_PNG, y_true, y_pred, classes)
@@ -159,7 +157,8 @@ def run(cfg: Config) -> dict[str, float]:
     tracking.log_to_run(
         run_info["run_id"],
         {**{f"test/{k}": v for k, v in metrics.items()}, "test/images_per_second": throughput},
-        [out / name for name in (METRICS_FILE, PER_CLASS_FILE, CONFUSION_PNG, MISCLASSIFIED_PNG)],
+        [cfg.metrics_file, *(out / name for name in (PER_CLASS_FILE, CONFUSION_PNG,
+                                                     MISCLASSIFIED_PNG))],
         artifact_path="evaluate",
     )
     log.info("evaluate: %s", metrics)

@@ -139,3 +139,27 @@ def with_probabilities(model: nn.Module) -> nn.Module:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# ---- the model file (models/model.pt): train writes it, evaluate reads it ----
+
+
+def save_checkpoint(path: Any, spec: dict[str, Any], model: nn.Module) -> None:
+    """The spec and the weights, nothing else: the file is a pure function of both, so its
+    sha256 names the model (MLflow runs and registry versions carry it)."""
+    torch.save({"spec": spec, "state_dict": model.state_dict()}, path)
+
+
+def load_checkpoint(path: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """-> (model in eval mode, spec); loading runs no pickled code (weights_only)."""
+    from pathlib import Path
+
+    from reprolab.errors import DataError
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: not found; run `reprolab train` first")
+    blob = torch.load(path, weights_only=True, map_location="cpu")
+    model = build(blob["spec"])
+    model.load_state_dict(blob["state_dict"])
+    return model.eval(), blob["spec"]

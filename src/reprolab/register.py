@@ -6,6 +6,7 @@ gives the champion (the last one promoted) and the challenger (the last one not 
 `register` adds its version, recomputes both from all versions and writes them, and repeats when
 the set of versions changed meanwhile. So any number of processes on any number of machines,
 interleaved in any order, leave the aliases that registering them one by one would have left.
+A model file (its sha256) is registered once, also when two machines register it at once.
 `reports/register/decision.json` reports that final state.
 """
 
@@ -24,7 +25,6 @@ log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER = "champion", "challenger"
 DECISION_FILE = "decision.json"
 DATA_TAG = "data.manifest_sha256"
-MODEL_TAG = "model.sha256"
 # The gate is the registered model's, not one process's: every register of one model must agree.
 GATE_METRIC_TAG, GATE_DELTA_TAG = "reprolab.gate.metric", "reprolab.gate.min_delta"
 
@@ -80,25 +80,19 @@ def replay(versions: list[dict[str, Any]], metric: str, min_delta: float) -> Rep
     return Replay(champion["version"] if champion else None, challenger, verdicts)
 
 
-def evaluated_metrics(cfg: Config, run_info: dict[str, Any]) -> dict[str, float]:
+def evaluated_metrics(cfg: Config) -> dict[str, float]:
     """The test metrics, refused unless evaluate measured the very model in models/."""
-    from reprolab.evaluate import EVALUATED_FILE, METRICS_FILE
-
-    folder = cfg.report_dir("evaluate")
-    metrics_path, evaluated_path = folder / METRICS_FILE, folder / EVALUATED_FILE
-    model_path = cfg.model_file
-    for path in (model_path, metrics_path, evaluated_path):
+    metrics_path, model_path = cfg.metrics_file, cfg.model_file
+    for path in (model_path, metrics_path, cfg.evaluated_file):
         if not path.is_file():
             raise DataError(f"{path}: not found; run `reprolab train` and `reprolab evaluate` "
                             "(or `dvc repro`) first")
-    evaluated = read_json(evaluated_path)
+    measured = str(read_json(cfg.evaluated_file).get("model_sha256"))
     model_hash = sha256_file(model_path)
-    if evaluated.get("model_sha256") != model_hash or \
-            evaluated.get("training_run_id") != run_info["run_id"]:
+    if measured != model_hash:
         raise DataError(
-            f"{metrics_path}: measures model {str(evaluated.get('model_sha256'))[:12]} of run "
-            f"{evaluated.get('training_run_id')}, not {model_path} ({model_hash[:12]}, run "
-            f"{run_info['run_id']}); run `reprolab evaluate` (or `dvc repro`) before registering"
+            f"{metrics_path}: measures model {measured[:12]}, not {model_path} "
+            f"({model_hash[:12]}); run `reprolab evaluate` (or `dvc repro`) before registering"
         )
     return read_json(metrics_path)
 
@@ -124,23 +118,35 @@ def settle_aliases(name: str, metric: str, min_delta: float) -> tuple[Replay, li
     from reprolab import tracking
 
     versions = tracking.model_versions(name)
-    for _ in range(1000):
+    while True:
         result = replay(versions, metric, min_delta)
-        tracking.set_alias(name, CHAMPION, result.champion)
-        tracking.set_alias(name, CHALLENGER, result.challenger)
+        written = [tracking.set_alias(name, CHAMPION, result.champion),
+                   tracking.set_alias(name, CHALLENGER, result.challenger)]
         now = tracking.model_versions(name)
-        if [v["version"] for v in now] == [v["version"] for v in versions]:
+        if all(written) and [v["version"] for v in now] == [v["version"] for v in versions]:
             return result, [v["version"] for v in now]
         versions = now
-    raise AssertionError(f"registry {name}: versions kept changing for 1000 rounds")
+
+
+def one_version_per_model(name: str, version: str, model_hash: str) -> str:
+    """Two machines registering the same model file at the same instant both create a version;
+    the one with the higher number deletes its own, so each model is registered once."""
+    from reprolab import tracking
+
+    same = [v["version"] for v in tracking.model_versions(name)
+            if v["tags"].get(tracking.MODEL_HASH_TAG) == model_hash]
+    first = min(same, key=int, default=version)
+    if first != version:
+        tracking.delete_version(name, version)
+    return first
 
 
 def run(cfg: Config) -> dict[str, Any]:
     from reprolab import tracking
-    from reprolab.train import training_run
 
-    run_info = training_run(cfg)
-    metrics = evaluated_metrics(cfg, run_info)
+    metrics = evaluated_metrics(cfg)
+    tracking.configure(cfg)
+    run_info = tracking.training_run_for(cfg.model_file)
     name, metric, min_delta = cfg.register.model_name, cfg.register.metric, cfg.register.min_delta
     gate = {GATE_METRIC_TAG: metric, GATE_DELTA_TAG: repr(float(min_delta))}
     check_gate(name, tracking.ensure_registered_model(name, gate), metric, min_delta)
@@ -148,10 +154,10 @@ def run(cfg: Config) -> dict[str, Any]:
     tags = {
         **run_info["tags"],
         "training_run_id": run_info["run_id"],
-        MODEL_TAG: sha256_file(cfg.model_file),
         **{f"test/{k}": f"{v:.6f}" for k, v in metrics.items()},
     }
     version = tracking.register_version(name, run_info["model_uri"], run_info["run_id"], tags)
+    version = one_version_per_model(name, version, tags[tracking.MODEL_HASH_TAG])
     result, _ = settle_aliases(name, metric, min_delta)
     promoted, reason = result.verdicts[version]
     alias = {result.champion: CHAMPION, result.challenger: CHALLENGER}.get(version)
@@ -165,7 +171,6 @@ def run(cfg: Config) -> dict[str, Any]:
         "value": float(metrics[metric]),
         "champion": result.champion,
         "challenger": result.challenger,
-        "run_id": run_info["run_id"],
     }
     write_json(cfg.report_dir("register") / DECISION_FILE, decision)
     log.info("register: %s v%s -> %s (%s)", name, version, alias, reason)

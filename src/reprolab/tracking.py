@@ -20,6 +20,10 @@ from reprolab.config import Config
 log = logging.getLogger(__name__)
 
 MODEL_ARTIFACT = "model"
+# A training run carries the sha256 of the models/model.pt it wrote and its logged model's URI:
+# DVC outputs and MLflow runs find each other by content, not by a run id inside an output.
+MODEL_HASH_TAG = "model.sha256"
+MODEL_URI_TAG = "reprolab.model_uri"
 
 
 def configure(cfg: Config) -> str:
@@ -48,21 +52,35 @@ def git_state(cwd: Path) -> dict[str, str]:
     commit = git("rev-parse", "HEAD")
     if not commit:
         return {"git.commit": "none", "git.dirty": "unknown"}
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    return {"git.commit": commit, "git.dirty": str(dirty).lower()}
+    # DVC rewrites dvc.lock (and .dvc files) between the stages it runs: that is not a change
+    # to the code or params the run came from.
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                  ":(exclude)dvc.lock", ":(exclude)*.dvc")
+    # MLflow's own tag too, which its UI links to the commit
+    return {"git.commit": commit, "git.dirty": str(bool(changed)).lower(),
+            "mlflow.source.git.commit": commit}
 
 
 def lineage_tags(cfg: Config, meta: dict[str, Any]) -> dict[str, str]:
-    """What a run or a registered version came from: code, params and data."""
+    """What a run or a registered version came from: code, params, data and platform."""
     import torch
+
+    from reprolab.data import processed_digest
+    from reprolab.io import sha256_file
 
     tags = {
         **git_state(cfg.base_dir),
         "params_hash": cfg.params_hash,
         "data.manifest_sha256": meta["manifest_sha256"],
+        "data.processed_sha256": processed_digest(meta),
         "data.dataset": meta["dataset"],
         "torch.version": torch.__version__,
+        # which kernels ran on the CPU (AVX2, AVX512, ...): bitwise results depend on it
+        "torch.cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
+    lock = cfg.base_dir / "dvc.lock"
+    if lock.is_file():  # as DVC had written it when the stage started
+        tags["dvc.lock_sha256"] = sha256_file(lock)
     for env, tag in (("DVC_STAGE", "dvc.stage"), ("DVC_EXP_NAME", "dvc.exp_name")):
         if os.environ.get(env):
             tags[tag] = os.environ[env]
@@ -94,29 +112,47 @@ def start_run(
         mlflow.end_run(status)
 
 
+def source_tags(stage: str) -> dict[str, str]:
+    """MLflow's source name as the stage's module in the repository (with the git commit tag,
+    the UI can link it), instead of the console script's path inside a virtual environment."""
+    module = "data/" + stage if stage in ("fetch", "preprocess") else stage
+    return {"mlflow.source.name": f"src/reprolab/{module}.py", "mlflow.source.type": "LOCAL"}
+
+
+def training_run_for(model_file: Path) -> dict[str, Any]:
+    """-> {run_id, model_uri, tags} of the training run that wrote `model_file`, found by the
+    file's sha256 in the store MLflow points at (latest finished run first)."""
+    from reprolab.errors import DataError
+    from reprolab.io import sha256_file
+
+    if not model_file.is_file():
+        raise DataError(f"{model_file}: not found; run `reprolab train` (or `dvc repro`) first")
+    digest = sha256_file(model_file)
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(
+        experiments, f"tags.`{MODEL_HASH_TAG}` = '{digest}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    ) if experiments else []
+    if not runs:
+        raise DataError(
+            f"{model_file}: no finished training run with {MODEL_HASH_TAG} {digest[:12]} in the "
+            f"MLflow store {mlflow.get_tracking_uri()}; it lives in the store that trained it (a "
+            "team's `mlflow server`, or another clone's mlflow.db): set MLFLOW_TRACKING_URI to "
+            "that store, or train again here with `dvc repro --force train`"
+        )
+    run = runs[0]
+    tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
+    tags["mlflow.source.git.commit"] = tags.get("git.commit", "none")
+    return {"run_id": run.info.run_id, "model_uri": run.data.tags[MODEL_URI_TAG], "tags": tags}
+
+
 def run_exists(run_id: str) -> bool:
     try:
         MlflowClient().get_run(run_id)
     except MlflowException:
         return False
     return True
-
-
-def require_training_run(run_info: dict[str, Any], source: Path) -> None:
-    """The run that models/run.json names must be in the store MLflow points at now.
-
-    It is not when the store was deleted or MLFLOW_TRACKING_URI changed since training; DVC may
-    then restore models/ from its run-cache without training again.
-    """
-    if run_exists(run_info["run_id"]):
-        return
-    from reprolab.errors import DataError
-
-    raise DataError(
-        f"{source}: training run {run_info['run_id']} is not in the MLflow store "
-        f"{mlflow.get_tracking_uri()} (it was logged to {run_info.get('tracking_uri')}); "
-        "train again with `dvc repro --force train` or `reprolab train`"
-    )
 
 
 def log_params(params: dict[str, Any]) -> None:
@@ -142,7 +178,9 @@ def log_artifact(path: Path, artifact_path: str | None = None) -> None:
     mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
-def log_dataset(features: Any, targets: Any, name: str, source: Path, digest: str) -> None:
+def log_dataset(features: Any, targets: Any, name: str, source: str, digest: str) -> None:
+    """The training split as the run's input: `source` is repository-relative, `digest` the
+    processed data's hash, so two clones log the same dataset."""
     with warnings.catch_warnings():
         # MLflow registers its local-path source twice and warns that the path is ambiguous.
         warnings.filterwarnings("ignore", message="The specified dataset source")
@@ -217,13 +255,16 @@ def ensure_registered_model(name: str, tags: dict[str, str]) -> dict[str, str]:
 
 
 def register_version(name: str, model_uri: str, run_id: str, tags: dict[str, str]) -> str:
-    """Register the run's model once: a second call for the same run returns the same version.
+    """Register a model once: a second call for the same model file (its sha256 in `tags`)
+    returns the version that has it, whichever run trained it.
 
     `model_uri` is the logged model's `models:/m-...` URI. A REST server refuses it as a version
     source unless the call names the logged model too (`model_id`), as mlflow.register_model does.
     """
     client = MlflowClient()
-    for version in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+    digest = tags[MODEL_HASH_TAG]
+    same = f"name = '{name}' and tags.`{MODEL_HASH_TAG}` = '{digest}'"
+    for version in client.search_model_versions(same):
         return str(version.version)
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
     version = client.create_model_version(
@@ -245,14 +286,63 @@ def model_versions(name: str) -> list[dict[str, Any]]:
             return sorted(out, key=lambda v: int(v["version"]))
 
 
-def set_alias(name: str, alias: str, version: str | None) -> None:
-    """Point `alias` at `version`; None removes the alias."""
+def registered_version(model_uri: str) -> dict[str, Any]:
+    """`models:/NAME@ALIAS` or `models:/NAME/VERSION` -> {name, version, run_id, tags}."""
+    from reprolab.errors import DataError
+
+    ref = model_uri.removeprefix("models:/")
+    name, at, alias = ref.partition("@")
+    if not model_uri.startswith("models:/") or not (at or "/" in ref):
+        raise DataError(f"{model_uri}: not a registry URI; use models:/NAME@ALIAS or "
+                        "models:/NAME/VERSION")
     client = MlflowClient()
-    if version is not None:
+    try:
+        if at:
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, number = ref.rpartition("/")
+            version = client.get_model_version(name, number)
+    except MlflowException as exc:
+        raise DataError(f"{model_uri}: {str(exc).splitlines()[0]}") from None
+    return {"name": name, "version": str(version.version), "run_id": version.run_id,
+            "tags": dict(version.tags)}
+
+
+def run_artifact_text(run_id: str, path: str) -> str:
+    """The text of one artifact of a run."""
+    import tempfile
+
+    from reprolab.errors import DataError
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path,
+                                                        dst_path=tmp)
+        except (MlflowException, OSError) as exc:
+            raise DataError(f"run {run_id}: no artifact {path} "
+                            f"({str(exc).splitlines()[0]})") from None
+        return Path(local).read_text()
+
+
+def set_alias(name: str, alias: str, version: str | None) -> bool:
+    """Point `alias` at `version`; None removes the alias. -> False when the version is gone
+    (another process deleted its duplicate meanwhile)."""
+    client = MlflowClient()
+    if version is None:
+        with contextlib.suppress(MlflowException):  # no such alias: nothing to remove
+            client.delete_registered_model_alias(name, alias)
+        return True
+    try:
         client.set_registered_model_alias(name, alias, version)
-        return
-    with contextlib.suppress(MlflowException):  # no such alias: nothing to remove
-        client.delete_registered_model_alias(name, alias)
+    except MlflowException:
+        if any(v["version"] == version for v in model_versions(name)):
+            raise
+        return False
+    return True
+
+
+def delete_version(name: str, version: str) -> None:
+    MlflowClient().delete_model_version(name, version)
 
 
 # ---- runs by id (tune) ----

@@ -21,39 +21,31 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from reprolab import tracking
-from reprolab.config import OPTIMIZERS, Config
-from reprolab.data import load_training_data
-from reprolab.engine import (
-    FitResult,
-    Hyper,
-    fit,
-    seed_everything,
-    select_device,
-    select_precision,
-)
-from reprolab.errors import ConfigError, DataError, ReprolabError
+from reprolab.config import Config, with_tuned
+from reprolab.data import load_training_data, processed_digest
+from reprolab.engine import FitResult, Hyper, fit, seed_everything, select_device
+from reprolab.errors import ConfigError, ReprolabError
 from reprolab.io import (
     LockHeld,
     atomic_dir,
     atomic_path,
     exclusive_lock,
-    read_json,
-    write_json,
+    sha256_file,
     write_text,
     write_yaml,
 )
-from reprolab.models import build, count_parameters, model_spec, with_probabilities
+from reprolab.models import build, count_parameters, save_checkpoint, with_probabilities
+from reprolab.recipe import hyper_for, run_name, spec_for
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "model.pt"
-RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
 HISTORY_FILE = "history.csv"
 CURVE_FILE = "learning_curve.png"
+# Timings vary run to run: MLflow has them; history.csv, a DVC output, does not.
+VOLATILE = ("train/epoch_seconds", "train/images_per_second")
 
 
 class TrainerBusy(ReprolabError):
@@ -75,68 +67,10 @@ class TrainResult:
         return self.fit.history
 
 
-TUNABLE = ("optimizer", "lr", "weight_decay", "momentum", "batch_size")
-
-
-def resolve_hparams(cfg: Config) -> tuple[dict[str, Any], str]:
-    """-> (hyperparameters, source): tune's best params when train.use_tuned, else params.yaml.
-
-    Always optimizer and lr; also weight_decay, momentum or batch_size when tune searched them.
-    """
-    if not cfg.train.use_tuned:
-        return {"optimizer": cfg.train.optimizer, "lr": cfg.train.lr}, "params"
-    path = cfg.best_params_file
-    if not path.exists():
-        raise DataError(
-            f"{path}: not found; run `reprolab tune` first, or set train.use_tuned: false"
-        )
-    best = yaml.safe_load(path.read_text()) or {}
-    optimizer, lr = best.get("optimizer"), best.get("lr")
-    if optimizer not in OPTIMIZERS or not isinstance(lr, int | float) or lr <= 0:
-        raise DataError(
-            f"{path}: expected optimizer in {', '.join(OPTIMIZERS)} and lr > 0, "
-            f"got optimizer={optimizer!r} lr={lr!r}"
-        )
-    unknown = set(best) - set(TUNABLE)
-    if unknown:
-        raise DataError(f"{path}: unknown keys {sorted(unknown)}; allowed: {', '.join(TUNABLE)}")
-    return {**best, "lr": float(lr)}, "tune"
-
-
-def spec_for(cfg: Config, meta: dict[str, Any]) -> dict[str, Any]:
-    return model_spec(cfg.model.name, meta["shape"], meta["num_classes"], meta["mean"],
-                      meta["std"], hidden=cfg.model.hidden, width=cfg.model.width)
-
-
-def hyper_for(
-    cfg: Config, params: dict[str, Any], epochs: int, device: torch.device
-) -> Hyper:
-    """The engine's settings from the train and data sections, with `params` (optimizer, lr
-    and any tuned dimension) taking precedence. tune shares it."""
-    t = cfg.train
-    return Hyper(
-        optimizer=params["optimizer"], lr=params["lr"], epochs=epochs,
-        batch_size=params.get("batch_size", t.batch_size),
-        momentum=params.get("momentum", t.momentum), nesterov=t.nesterov,
-        weight_decay=params.get("weight_decay", t.weight_decay),
-        schedule=t.schedule, warmup_epochs=min(t.warmup_epochs, epochs - 1),
-        label_smoothing=t.label_smoothing, patience=t.early_stopping_patience,
-        precision=select_precision(t.precision, device), compile=t.compile,
-        crop_padding=cfg.data.crop_padding, flip=cfg.data.flip, seed=cfg.seed,
-    )
-
-
-def short_lr(lr: float) -> str:
-    return f"{lr:.1e}".replace("e-0", "e-").replace("e+0", "e+")
-
-
-def run_name(model: str, optimizer: str, lr: float) -> str:
-    return f"{model}-{optimizer}-lr{short_lr(lr)}"
-
-
 def history_csv(history: list[dict[str, float]]) -> str:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(history[0]), lineterminator="\n")
+    fields = [k for k in history[0] if k not in VOLATILE]
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(history)
     return out.getvalue()
@@ -166,7 +100,8 @@ def write_learning_curve(path: Path, history: list[dict[str, float]]) -> None:
 
 
 def checkpoint_identity(cfg: Config, hyper: Hyper, meta: dict[str, Any]) -> str:
-    """What must match for a checkpoint to be resumed: config, effective hparams, data."""
+    """What must match for a checkpoint to be resumed: the resolved config (tuned values
+    included), the engine's settings on this device, the data."""
     blob = f"{cfg.params_hash}|{hyper}|{meta['manifest_sha256']}"
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -243,14 +178,15 @@ def run(cfg: Config, progress: bool = False) -> TrainResult:
 
 
 def train_locked(cfg: Config, progress: bool) -> TrainResult:
-    params, source = resolve_hparams(cfg)
-    optimizer, lr = params["optimizer"], params["lr"]
+    cfg = with_tuned(cfg)  # the config that trains, written to models/config.yaml
+    source = "tune" if cfg.train.use_tuned else "params"
+    optimizer, lr = cfg.train.optimizer, cfg.train.lr
     device = select_device(cfg.train.device)
     seed_everything(cfg.seed, cfg.train.deterministic)
     meta, train_split, val_split = load_training_data(cfg.processed_dir, device)
     spec = spec_for(cfg, meta)
     model = build(spec).to(device)
-    hyper = hyper_for(cfg, params, cfg.train.epochs, device)
+    hyper = hyper_for(cfg, cfg.train.epochs, device)
     identity = checkpoint_identity(cfg, hyper, meta)
     tracking.configure(cfg)
     resume = resume_state(cfg.checkpoint_file, read_checkpoint(cfg.checkpoint_file), identity)
@@ -259,19 +195,19 @@ def train_locked(cfg: Config, progress: bool) -> TrainResult:
         log.info("run %s is not in this MLflow store; starting a new run", resume["run_id"])
     log.info("train: %s on %s (%s), %s lr=%.3g (from %s)", cfg.model.name, device,
              hyper.precision, optimizer, lr, source)
-    tags = {**tracking.lineage_tags(cfg, meta), "device": str(device),
-            "precision": hyper.precision}
+    tags = {**tracking.lineage_tags(cfg, meta), **tracking.source_tags("train"),
+            "device": str(device), "precision": hyper.precision}
     with tracking.start_run(run_name(cfg.model.name, optimizer, lr), tags,
                             run_id=resume_run) as run_id:
         if resume_run is None:
-            tracking.log_params({
-                **cfg.flat(), **{f"train.{k}": v for k, v in params.items()},
-                "train.hparams_source": source, "model.parameters": count_parameters(model),
-            })
+            tracking.log_params({**cfg.flat(), "train.hparams_source": source,
+                                 "model.parameters": count_parameters(model)})
             tracking.log_dataset(
                 train_split.x.cpu().numpy(), train_split.y.cpu().numpy(), meta["dataset"],
-                cfg.processed_dir, meta["manifest_sha256"],
+                cfg.paths.processed, processed_digest(meta),
             )
+            if (cfg.base_dir / "dvc.lock").is_file():  # the pipeline state the run belongs to
+                tracking.log_artifact(cfg.base_dir / "dvc.lock")
         if resume:  # also into a new run when the checkpoint's run is not in this store
             log_missing_epochs(run_id, resume["history"])
 
@@ -289,10 +225,11 @@ def train_locked(cfg: Config, progress: bool) -> TrainResult:
         if model_uri is None:
             example = val_split.x[:4].cpu().numpy().astype(np.float32)
             model_uri = tracking.log_model(with_probabilities(model), example, meta["classes"])
-        tracking.set_tags({"best_epoch": str(result.best_epoch)})
-        run_info = {"run_id": run_id, "model_uri": model_uri, "tracking_uri": cfg.mlflow_uri,
-                    "tags": tags}
-        write_outputs(cfg, spec, model, run_info, result.history)
+        model_hash = write_outputs(cfg, spec, model, result.history)
+        # the DVC outputs name no run: evaluate and register find it by the model's content
+        tracking.set_tags({"best_epoch": str(result.best_epoch),
+                           tracking.MODEL_HASH_TAG: model_hash,
+                           tracking.MODEL_URI_TAG: model_uri})
         for path in (cfg.report_dir("train") / HISTORY_FILE, cfg.report_dir("train") / CURVE_FILE,
                      cfg.models_dir / CONFIG_FILE):
             tracking.log_artifact(path)
@@ -301,37 +238,19 @@ def train_locked(cfg: Config, progress: bool) -> TrainResult:
 
 
 def write_outputs(
-    cfg: Config, spec: dict[str, Any], model: torch.nn.Module, run_info: dict[str, Any],
-    history: list[dict[str, float]],
-) -> None:
-    checkpoint = {"spec": spec, "state_dict": model.state_dict(), "params_hash": cfg.params_hash}
+    cfg: Config, spec: dict[str, Any], model: torch.nn.Module, history: list[dict[str, float]],
+) -> str:
+    """models/ (the model and the resolved config) and the history; -> the model's sha256.
+
+    All pure functions of code, params and data: no run id, path, time or timing inside.
+    """
     with atomic_dir(cfg.models_dir) as tmp:
-        torch.save(checkpoint, tmp / CHECKPOINT)
-        write_json(tmp / RUN_FILE, run_info)
+        save_checkpoint(tmp / cfg.model_file.name, spec, model)
+        model_hash = sha256_file(tmp / cfg.model_file.name)
         write_yaml(tmp / CONFIG_FILE, cfg.as_dict())
     write_text(cfg.report_dir("train") / HISTORY_FILE, history_csv(history))
     write_learning_curve(cfg.report_dir("train") / CURVE_FILE, history)
-
-
-def training_run(cfg: Config) -> dict[str, Any]:
-    """models/run.json, with MLflow pointed at the store and that run checked to be in it."""
-    path = cfg.models_dir / RUN_FILE
-    if not path.is_file():
-        raise DataError(f"{path}: not found; run `reprolab train` (or `dvc repro`) first")
-    run_info = read_json(path)
-    tracking.configure(cfg)
-    tracking.require_training_run(run_info, path)
-    return run_info
-
-
-def load_checkpoint(models_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    path = models_dir / CHECKPOINT
-    if not path.exists():
-        raise DataError(f"{path}: not found; run `reprolab train` first")
-    blob = torch.load(path, weights_only=True, map_location="cpu")
-    model = build(blob["spec"])
-    model.load_state_dict(blob["state_dict"])
-    return model.eval(), blob["spec"]
+    return model_hash
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

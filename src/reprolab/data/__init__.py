@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,13 +38,27 @@ def load_meta(processed_dir: Path) -> dict[str, Any]:
     return read_json(path)
 
 
+def processed_digest(meta: dict[str, Any]) -> str:
+    """One hash for the processed data: the hashes of its splits (meta.json records them)."""
+    blob = json.dumps(meta["split_sha256"], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
 def load_split(processed_dir: Path, name: str) -> Split:
+    """A split, checked against the sha256 that preprocess recorded for it in meta.json."""
     import torch
 
     path = Path(processed_dir) / f"{name}.pt"
     if not path.exists():
         raise DataError(f"{path}: not found; run `reprolab preprocess` (or `dvc repro`) first")
-    blob = torch.load(path, weights_only=True)
+    expected = load_meta(processed_dir).get("split_sha256", {}).get(name)
+    data = path.read_bytes()
+    if expected is None or hashlib.sha256(data).hexdigest() != expected:
+        raise DataError(
+            f"{path}: content does not match the sha256 in {META} (changed, truncated or from "
+            "another preprocess run); run `dvc repro preprocess` (or `reprolab preprocess`)"
+        )
+    blob = torch.load(io.BytesIO(data), weights_only=True)
     return Split(blob["x"], blob["y"])
 
 

@@ -146,6 +146,8 @@ def run(cfg: Config) -> dict[str, Any]:
             torch.save({"x": torch.from_numpy(np.ascontiguousarray(x)),
                         "y": torch.from_numpy(np.ascontiguousarray(y))}, tmp / f"{name}.pt")
             del x, y
+            # checked on every load: a changed or truncated split is refused, never trained on
+            meta.setdefault("split_sha256", {})[name] = sha256_file(tmp / f"{name}.pt")
         write_json(tmp / META, meta)
     write_json(cfg.report_dir("preprocess") / REPORT_FILE,
                {"sizes": sizes, "skipped_files": skipped, "official_test_split": official})

@@ -1,0 +1,103 @@
+"""dvc.yaml cannot drift from the code: each stage declares exactly the modules its command
+imports, no stage module imports another, and the committed dvc.lock matches the commit."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from reprolab.cli import STAGES
+
+SRC = REPO / "src"
+
+
+def module_file(name: str) -> Path | None:
+    base = SRC / name.replace(".", "/")
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def imported(path: Path) -> set[str]:
+    """reprolab modules that `path` imports anywhere (module level or inside functions)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.split(".")[0] == "reprolab"}
+        elif isinstance(node, ast.ImportFrom) and node.module and \
+                node.module.split(".")[0] == "reprolab" and node.level == 0:
+            out.add(node.module)
+            for alias in node.names:  # `from reprolab import tracking` imports a module
+                if module_file(f"{node.module}.{alias.name}"):
+                    out.add(f"{node.module}.{alias.name}")
+    return out
+
+
+def closure(*roots: str) -> set[str]:
+    """Every reprolab module that importing `roots` runs, packages' __init__ included."""
+    seen: set[str] = set()
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):  # a package's __init__ runs before its modules
+            module = ".".join(parts[:i])
+            if module not in seen and module_file(module):
+                seen.add(module)
+                todo.extend(imported(module_file(module)))
+    return seen
+
+
+def declared_code(stage: str) -> set[str]:
+    deps = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["deps"]
+    return {d for d in deps if d.startswith("src/")}
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_dvc_yaml_declares_exactly_the_code_each_stage_runs(stage):
+    # `reprolab <stage>` runs the console script's module, then the stage's module
+    runs = closure("reprolab.cli", STAGES[stage][0])
+    derived = {str(module_file(m).relative_to(REPO)) for m in runs}
+    declared = declared_code(stage)
+    assert not derived - declared, f"dvc.yaml {stage}: deps missing {sorted(derived - declared)}"
+    assert not declared - derived, f"dvc.yaml {stage}: deps not run {sorted(declared - derived)}"
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_no_stage_module_imports_another(stage):
+    module = STAGES[stage][0]
+    others = {m for s, (m, _) in STAGES.items() if s != stage}
+    assert not closure(module) & others, f"{module} imports {sorted(closure(module) & others)}"
+
+
+@pytest.mark.e2e
+def test_committed_lock_matches_the_committed_code_and_params(tmp_path):
+    """In a git copy, `dvc status` may find outputs missing, never a changed dep or param."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from harness import git_copy
+
+    dest = git_copy(tmp_path, {})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    proc = subprocess.run(["dvc", "status", "--json"], cwd=dest, env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    stale = []
+    for stage, changes in json.loads(proc.stdout or "{}").items():
+        for change in changes:
+            if not isinstance(change, dict):  # "always changed" and the like
+                continue
+            for path, state in change.get("changed deps", {}).items():
+                # a missing data dep is fine in a fresh copy; code or params that differ are not
+                if isinstance(state, dict) or state == "modified" or path.startswith("src/"):
+                    stale.append(f"{stage}: {path}: {state}")
+    assert not stale, "dvc.lock is stale; run `make lock` and commit it: " + "; ".join(stale)
