@@ -58,7 +58,7 @@ def training_run_id(cfg: Config) -> str:
     """The run that trained cfg's models/model.pt, found as evaluate and register find it."""
     from reprolab import tracking
 
-    return tracking.training_run_for(cfg.model_file)["run_id"]
+    return tracking.training_run_for(cfg.model_file, cfg.tracking.experiment)["run_id"]
 
 
 @pytest.fixture

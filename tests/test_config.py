@@ -36,8 +36,8 @@ BAD = [
     ("tune.lr_low=0.5", "tune.lr_low = 0.5 is not below tune.lr_high"),
     ("tune.n_trials=0", "tune.n_trials = 0"),
     ("register.metric=loss", "register.metric = 'loss'"),
-    ("train.lr_max=1", "train.lr_max: unknown key; allowed keys here: optimizer, lr,"),
-    ("trian.lr=1", "trian: unknown key"),
+    ("train.lr_max=1", "unknown key train.lr_max; allowed keys here: optimizer, lr,"),
+    ("trian.lr=1", "unknown key trian; did you mean train?"),
     ("seed.value=1", "seed is a value, not a section"),
     ("train.lr", "expected key.path=value"),
 ]

@@ -63,7 +63,8 @@ def test_train_evaluate_register_on_one_run(project):
     result = train.run(cfg)
 
     # outputs: no run id, path, time or timing inside; the run is found by the model's hash
-    assert sorted(p.name for p in cfg.models_dir.iterdir()) == ["config.yaml", "model.pt"]
+    assert sorted(p.name for p in cfg.models_dir.iterdir()) == [
+        ".reprolab-output", "config.yaml", "model.pt"]
     assert training_run_id(cfg) == result.run_id
     assert yaml.safe_load((cfg.models_dir / "config.yaml").read_text()) == cfg.as_dict()
     rows = list(csv.DictReader((cfg.report_dir("train") / "history.csv").open()))
@@ -152,7 +153,8 @@ def test_train_evaluate_register_on_one_run(project):
 def test_evaluate_and_register_refuse_a_run_missing_from_the_store(project):
     from reprolab.errors import DataError
 
-    cfg = project("tracking.experiment=missing-run", "train.epochs=1")
+    # a model of its own (no other test trains this one): no other run has its hash
+    cfg = project("tracking.experiment=missing-run", "train.epochs=1", "train.lr=0.00123")
     train.run(cfg)
     # as if models/ came from elsewhere (a DVC remote): no run in this store wrote this model
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])

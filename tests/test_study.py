@@ -159,11 +159,20 @@ def test_two_workers_on_postgresql(project, postgres_url):
     assert retry.params == trials[killed].params
 
 
+def _continue_once_failed(cfg, proc, number: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _study(cfg).get_trials(deepcopy=False)[number].state.name == "FAIL":
+            break
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGCONT)
+
+
 @pytest.mark.slow
 def test_a_stopped_worker_goes_on_after_its_trial_was_retried(project, postgres_url):
-    """SIGSTOP of a `--worker` inside a trial, SIGCONT 5 s later (heartbeat 1 s, failed after
-    3 s): the stage's process retries and finishes the budget; the resumed worker finds its
-    trial failed, leaves it so and ends cleanly."""
+    """SIGSTOP of a `--worker` inside a trial, SIGCONT once its heartbeat went stale and the
+    trial was failed (heartbeat 1 s, failed after 3 s): the stage's process retries and finishes
+    the budget; the resumed worker finds its trial failed, leaves it so and ends cleanly."""
     overrides = [f"tune.storage={postgres_url}", "tune.heartbeat_s=1", "tune.n_trials=4",
                  "tracking.experiment=study-sigstop", *SLOW_TRIALS]
     cfg = project(*overrides)
@@ -171,7 +180,9 @@ def test_a_stopped_worker_goes_on_after_its_trial_was_retried(project, postgres_
     try:
         stopped = _await_trial_of(cfg, proc)
         os.kill(proc.pid, signal.SIGSTOP)
-        threading.Timer(5.0, os.kill, (proc.pid, signal.SIGCONT)).start()
+        # SIGCONT once the trial was failed under it (not after a fixed time: on a loaded
+        # machine the stage's process may take longer than the pause to notice)
+        threading.Thread(target=_continue_once_failed, args=(cfg, proc, stopped)).start()
         summary = tune.run(cfg)
         _, err = proc.communicate(timeout=120)
     finally:

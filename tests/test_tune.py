@@ -91,12 +91,14 @@ def test_median_pruner_prunes_and_saves_epochs(project):
 
 @pytest.mark.parametrize("pruner", ["successive_halving", "hyperband"])
 def test_other_pruners_prune(project, pruner):
+    # Hyperband puts each trial in a bracket by a hash of the study name (which has the config's
+    # fingerprint in it): enough trials that a bracket that stops early gets some, whatever it is
     cfg = project(f"tracking.experiment=tune-{pruner}", f"tune.pruner={pruner}",
-                  "tune.n_trials=6", "tune.epochs=3", "tune.sampler=random")
+                  "tune.n_trials=10", "tune.epochs=3", "tune.sampler=random")
     summary = tune.run(cfg)
-    assert summary["trials_complete"] + summary["trials_pruned"] == 6
+    assert summary["trials_complete"] + summary["trials_pruned"] == 10
     assert summary["trials_pruned"] >= 1
-    assert summary["epochs_spent"] < 6 * 3
+    assert summary["epochs_spent"] < 10 * 3
 
 
 def test_timeout_stops_starting_trials_and_a_rerun_continues(project):

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", metavar="URI",
                          help="model URI (default: models:/<register.model_name>@champion)")
     predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    predict.add_argument("--allow-pickle", action="store_true",
+                         help="also load models in MLflow's pickle format, whose loading runs "
+                              "code from the artifact (only for a registry you trust)")
     predict.add_argument("paths", nargs="*", metavar="PATH", help="image files or directories")
     sub.choices["verify"].add_argument(
         "model_uri", metavar="MODEL_URI",
@@ -66,12 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger().setLevel(level)  # also when logging was set up before (tests, embeds)
-    # MLflow announces every new store's table set-up: not news for a user of a stage
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    # MLflow announces every new store's table set-up, and logs a store's failure with a
+    # traceback before raising it: the stage says it in one line (describe_store_error)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     from reprolab.config import load_config
     from reprolab.errors import ReprolabError
 
     overrides = [*shlex.split(args.override_list), *args.overrides]
+    cfg = None
     try:
         cfg = load_config(args.params, overrides)  # before any work: a bad value writes nothing
         module = importlib.import_module(COMMANDS[args.stage][0])
@@ -82,7 +87,45 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"reprolab {args.stage}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # the disk, not the code: full, read-only, no permission
+        print(f"reprolab {args.stage}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        line = describe_store_error(exc, cfg)
+        if line is None:
+            raise  # a bug: the traceback is what a report needs
+        print(f"reprolab {args.stage}: error: {line}", file=sys.stderr)
+        return 1
     return code or 0
+
+
+def describe_os_error(exc: OSError) -> str:
+    import errno
+
+    where = exc.filename or "(a file)"
+    advice = {
+        errno.ENOSPC: "no space left on the device; free some and run again",
+        errno.EDQUOT: "disk quota exceeded; free some and run again",
+        errno.EROFS: "read-only file system; point paths.* (or the store) at a writable place",
+        errno.EACCES: "permission denied; make it writable for this user, or point paths.* "
+                      "elsewhere",
+        errno.EPERM: "operation not permitted; make it writable for this user, or point "
+                     "paths.* elsewhere",
+    }.get(exc.errno, exc.strerror or str(exc))
+    return f"{where}: {advice} (outputs are written atomically: nothing was half-written)"
+
+
+def describe_store_error(exc: Exception, cfg: object) -> str | None:
+    """One line for a tracking store or study database that failed under the stage (gone,
+    unreachable, read-only); None for anything else."""
+    module = type(exc).__module__.split(".")[0]
+    if module not in ("mlflow", "sqlalchemy", "psycopg", "pymysql", "requests", "urllib3"):
+        return None
+    what = "the Optuna storage" if module in ("sqlalchemy", "psycopg", "pymysql") else \
+        f"the MLflow store {getattr(cfg, 'mlflow_uri', '')}"
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    return (f"{what}: {first}; check that it is reachable and writable, then run again "
+            "(train resumes its run)")
 
 
 if __name__ == "__main__":

@@ -7,16 +7,20 @@ value and what is allowed. Derived values (absolute paths, store URIs) are prope
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import itertools
 import json
 import os
+import re
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AllowInfNan,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -37,6 +41,15 @@ MODELS = ("simple_cnn", "resnet18", "fast_cnn")
 METRICS = ("accuracy", "f1_macro", "f1_weighted")
 
 Optimizer = Literal["sgd", "adam", "adamw", "rmsprop"]
+STORAGE_SCHEMES = ("postgresql", "mysql", "mariadb", "sqlite")
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file",
+                    "databricks")
+
+
+def _scheme(url: str) -> str | None:
+    """`postgresql+psycopg://...` -> 'postgresql'; None when `url` has no scheme."""
+    match = re.match(r"^([A-Za-z][A-Za-z0-9.-]*)(\+[A-Za-z0-9_]+)?://", url)
+    return match.group(1).lower() if match else None
 
 
 def _numeric_string(value: Any) -> Any:
@@ -49,7 +62,8 @@ def _numeric_string(value: Any) -> Any:
     return value
 
 
-Float = Annotated[float, BeforeValidator(_numeric_string), Strict()]
+# inf and nan pass `gt=0` and friends, then train nothing: refused everywhere
+Float = Annotated[float, BeforeValidator(_numeric_string), Strict(), AllowInfNan(False)]
 Int = Annotated[int, Strict()]
 Fraction = Annotated[Float, Field(gt=0, lt=1)]
 
@@ -58,8 +72,19 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# What a path knob may never name: the repository's own files and folders. Stages replace their
+# output folders whole, so an output there would delete them.
+RESERVED = (".git", ".dvc", ".ci", "src", "tests", "benchmarks", "params.yaml", "dvc.yaml",
+            "dvc.lock", "MLproject", "conda.yaml", "python_env.yaml", "pyproject.toml",
+            "Makefile", "README.md", ".gitignore", ".dvcignore")
+
+
 class Paths(_Section):
-    """Relative to the repository root; dvc.yaml uses the same values through ${paths.*}."""
+    """Relative to the repository root; dvc.yaml uses the same values through ${paths.*}.
+
+    Each must stay inside the repository, have a place of its own (no two equal, none inside
+    another: DVC deletes an output before its stage runs, stores included) and keep clear of the
+    repository's own files."""
 
     raw: StrictStr
     processed: StrictStr
@@ -68,6 +93,32 @@ class Paths(_Section):
     checkpoints: StrictStr
     mlflow_db: StrictStr
     optuna_journal: StrictStr
+
+    @model_validator(mode="after")
+    def _inside_and_apart(self) -> Paths:
+        parts = {}
+        for key, value in self.model_dump().items():
+            path = PurePosixPath(value)
+            if path.is_absolute() or value.startswith("~") or ".." in path.parts or \
+                    not path.parts:
+                raise ValueError(
+                    f"paths.{key} = {value!r}: not a folder inside the repository; allowed: a "
+                    "relative path without '..', not the repository root itself"
+                )
+            if path.parts[0] in RESERVED:
+                raise ValueError(
+                    f"paths.{key} = {value!r}: inside the repository's own {path.parts[0]}; "
+                    f"allowed: a place of its own, not any of {', '.join(RESERVED)}"
+                )
+            parts[key] = path.parts
+        for (a, pa), (b, pb) in itertools.combinations(parts.items(), 2):
+            shorter = min(len(pa), len(pb))
+            if pa[:shorter] == pb[:shorter]:
+                raise ValueError(
+                    f"paths.{a} = {'/'.join(pa)!r} and paths.{b} = {'/'.join(pb)!r}: one is or "
+                    "holds the other; allowed: each path a place of its own"
+                )
+        return self
 
 
 class Augment(_Section):
@@ -84,6 +135,8 @@ class Data(_Section):
     channels: Literal[1, 3] | None
     image_size: Int | None = Field(ge=4)
     skip_bad_images: StrictBool
+    # PIL reads the size from the header: a larger image is refused before it is decoded
+    max_image_pixels: Int = Field(ge=1)
     val_fraction: Fraction
     test_fraction: Fraction
     augment: Augment
@@ -200,6 +253,12 @@ class Tune(_Section):
                     f"tune.{key} = [{low:g}, {high:g}]: not a range; allowed: [low, high] with "
                     f"{allowed}, or null"
                 )
+        if self.storage is not None and _scheme(self.storage) not in STORAGE_SCHEMES:
+            raise ValueError(
+                f"tune.storage = {self.storage!r}: not a database URL that Optuna can open; "
+                "allowed: null (the journal file), postgresql://user@host/db, "
+                "mysql://user@host/db or sqlite:///path"
+            )
         if self.workers > 1 and (self.storage or "").startswith("sqlite"):
             raise ValueError(
                 f"tune.workers = {self.workers} with tune.storage = {self.storage!r}: SQLite "
@@ -307,6 +366,12 @@ with warnings.catch_warnings():
         def mlflow_uri(self) -> str:
             env = os.environ.get("MLFLOW_TRACKING_URI")
             if env:
+                # checked before MLflow opens it: a typo would otherwise surface as a traceback
+                if "://" in env and _scheme(env) not in TRACKING_SCHEMES:
+                    raise ConfigError(
+                        f"MLFLOW_TRACKING_URI = {env!r}: not a tracking store MLflow opens; "
+                        f"allowed schemes: {', '.join(TRACKING_SCHEMES)}"
+                    )
                 return env
             return f"sqlite:///{self.store_root / self.paths.mlflow_db}"
 
@@ -401,8 +466,11 @@ def _describe(error: dict[str, Any]) -> str:
     key = ".".join(str(p) for p in loc) or "(top level)"
     kind = error["type"]
     if kind == "extra_forbidden":
-        allowed = ", ".join(_allowed_keys(loc))
-        return f"{key}: unknown key; allowed keys here: {allowed}"
+        allowed = _allowed_keys(loc)
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        prefix = ".".join(str(p) for p in loc[:-1])
+        hint = f"did you mean {prefix + '.' if prefix else ''}{close[0]}? " if close else ""
+        return f"unknown key {key}; {hint}allowed keys here: {', '.join(allowed)}"
     if kind == "missing":
         return f"{key}: missing; every knob must be set in params.yaml"
     msg = error["msg"]
@@ -411,14 +479,37 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{key} = {error['input']!r}: {msg[0].lower()}{msg[1:]}"
 
 
+class DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one
+    silently, so a second `lr:` would override the first without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise DuplicateKey(
+                    f"key {key!r} appears twice in one section (lines {seen[key]} and "
+                    f"{key_node.start_mark.line + 1}); keep one"
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(
     params: str | os.PathLike[str] = "params.yaml", overrides: Sequence[str] = ()
 ) -> Config:
     path = Path(params)
     try:
-        tree = yaml.safe_load(path.read_text())
+        tree = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except FileNotFoundError:
         raise ConfigError(f"{path}: params file not found") from None
+    except DuplicateKey as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
@@ -434,7 +525,9 @@ def _validate(tree: dict[str, Any], source: str, base_dir: Path) -> Config:
     try:
         cfg = Config.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {_describe(exc.errors()[0])}") from None
+        # a typo is both an unknown key and a missing one: name the typo
+        first = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
+        raise ConfigError(f"{source}: {_describe(first)}") from None
     cfg._base_dir = base_dir
     return cfg
 

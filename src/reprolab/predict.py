@@ -42,30 +42,36 @@ def expand(paths: list[str]) -> list[Path]:
     return out
 
 
-def load_image(path: Path, shape: tuple[int, ...]) -> np.ndarray:
-    """-> float32 C x H x W, pixel values 0..255, as the model takes them."""
+def load_image(path: Path, shape: tuple[int, ...], max_pixels: int | None = None) -> np.ndarray:
+    """-> float32 C x H x W, pixel values 0..255, as the model takes them.
+
+    Like preprocess, it refuses a file that is not a regular file (a FIFO would wait forever) and
+    an image of more than `max_pixels` pixels (default: params.yaml's data.max_image_pixels), from
+    its header, before anything is decoded."""
     from PIL import Image
 
-    from reprolab.data.imagefolder import to_pixels
+    from reprolab.data.imagefolder import DEFAULT_MAX_PIXELS, open_regular, pixel_limit, to_pixels
 
-    with Image.open(path) as image:
+    limit = max_pixels or DEFAULT_MAX_PIXELS
+    with open_regular(Path(path)) as fh, pixel_limit(limit), Image.open(fh) as image:
         return to_pixels(image, *shape).astype(np.float32)
 
 
-def run(model_uri: str, paths: list[str], cfg: Config | None = None) -> list[Prediction]:
+def run(model_uri: str, paths: list[str], cfg: Config | None = None,
+        allow_pickle: bool = False) -> list[Prediction]:
     import torch
 
     from reprolab import tracking
 
     if cfg is not None:
         tracking.configure(cfg)
-    model, shape, classes = tracking.load_classifier(model_uri)
+    model, shape, classes = tracking.load_classifier(model_uri, allow_pickle)
     files = expand(paths)
     results: dict[Path, Prediction] = {}
     images, good = [], []
     for path in files:
         try:
-            images.append(load_image(path, shape))
+            images.append(load_image(path, shape, cfg.data.max_image_pixels if cfg else None))
             good.append(path)
         except Exception as exc:  # noqa: BLE001 - PIL raises many kinds; name the file, go on
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
@@ -96,7 +102,7 @@ def main(cfg: Config, args: Any) -> int:
     model_uri = args.model or f"models:/{cfg.register.model_name}@champion"
     if not args.paths:
         raise ConfigError("predict: give at least one image file or directory")
-    predictions = run(model_uri, args.paths, cfg)
+    predictions = run(model_uri, args.paths, cfg, allow_pickle=args.allow_pickle)
     if not predictions:
         raise ConfigError(f"predict: no image files in {' '.join(args.paths)}")
     if args.json:

@@ -146,7 +146,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
     metrics = evaluated_metrics(cfg)
     tracking.configure(cfg)
-    run_info = tracking.training_run_for(cfg.model_file)
+    run_info = tracking.training_run_for(cfg.model_file, cfg.tracking.experiment)
     name, metric, min_delta = cfg.register.model_name, cfg.register.metric, cfg.register.min_delta
     gate = {GATE_METRIC_TAG: metric, GATE_DELTA_TAG: repr(float(min_delta))}
     check_gate(name, tracking.ensure_registered_model(name, gate), metric, min_delta)

@@ -35,8 +35,11 @@ def configure(cfg: Config) -> str:
     if experiment is None:
         root = cfg.mlflow_artifact_root
         location = root.as_uri() if root else None
-        with contextlib.suppress(MlflowException):  # another process created it first
+        try:
             mlflow.create_experiment(name, artifact_location=location)
+        except MlflowException:
+            if mlflow.get_experiment_by_name(name) is None:
+                raise  # not another process creating it first: the store refused
         experiment = mlflow.get_experiment_by_name(name)
     mlflow.set_experiment(experiment_id=experiment.experiment_id)
     return experiment.experiment_id
@@ -109,7 +112,13 @@ def start_run(
         status = "FAILED"
         raise
     finally:
-        mlflow.end_run(status)
+        try:
+            mlflow.end_run(status)
+        except Exception as exc:  # noqa: BLE001 - the store failed: keep the error that ended us
+            log.info("could not mark run %s %s: %s", run.info.run_id, status,
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            if status == "FINISHED":
+                raise
 
 
 def source_tags(stage: str) -> dict[str, str]:
@@ -119,9 +128,10 @@ def source_tags(stage: str) -> dict[str, str]:
     return {"mlflow.source.name": f"src/reprolab/{module}.py", "mlflow.source.type": "LOCAL"}
 
 
-def training_run_for(model_file: Path) -> dict[str, Any]:
+def training_run_for(model_file: Path, experiment: str | None = None) -> dict[str, Any]:
     """-> {run_id, model_uri, tags} of the training run that wrote `model_file`, found by the
-    file's sha256 in the store MLflow points at (latest finished run first)."""
+    file's sha256 in the store MLflow points at (latest finished run first, in `experiment`
+    first)."""
     from reprolab.errors import DataError
     from reprolab.io import sha256_file
 
@@ -129,11 +139,16 @@ def training_run_for(model_file: Path) -> dict[str, Any]:
         raise DataError(f"{model_file}: not found; run `reprolab train` (or `dvc repro`) first")
     digest = sha256_file(model_file)
     client = MlflowClient()
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(
-        experiments, f"tags.`{MODEL_HASH_TAG}` = '{digest}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=1,
-    ) if experiments else []
+    query = f"tags.`{MODEL_HASH_TAG}` = '{digest}' and attributes.status = 'FINISHED'"
+    runs: list[Any] = []
+    # this project's experiment first; then any (`mlflow run --experiment-name` trains elsewhere)
+    own = mlflow.get_experiment_by_name(experiment) if experiment else None
+    scopes = [[own.experiment_id]] if own else []
+    scopes.append([e.experiment_id for e in client.search_experiments()])
+    for scope in scopes:
+        if scope and not runs:
+            runs = client.search_runs(scope, query, order_by=["attributes.start_time DESC"],
+                                      max_results=1)
     if not runs:
         raise DataError(
             f"{model_file}: no finished training run with {MODEL_HASH_TAG} {digest[:12]} in the "
@@ -214,15 +229,40 @@ def log_model(model: Any, input_example: Any, classes: list[str]) -> str:
     return info.model_uri
 
 
-def load_classifier(model_uri: str) -> tuple[Any, tuple[int, ...], list[str]]:
-    """-> (model, input shape C x H x W, class names) of a logged or registered model."""
+def load_classifier(
+    model_uri: str, allow_pickle: bool = False
+) -> tuple[Any, tuple[int, ...], list[str]]:
+    """-> (model, input shape C x H x W, class names) of a logged or registered model.
+
+    Only the pt2 format loads by default: a model in MLflow's pickle format runs code from the
+    artifact when it loads, so whoever can write a registry version would run code here. MLflow
+    itself allows pickle unless MLFLOW_ALLOW_PICKLE_DESERIALIZATION says false; reprolab sets it
+    for the load, and `allow_pickle` (predict --allow-pickle) opts in for a trusted registry.
+    """
     from reprolab.errors import DataError
 
+    previous = os.environ.get("MLFLOW_ALLOW_PICKLE_DESERIALIZATION")
+    os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = str(allow_pickle).lower()
     try:
         info = mlflow.models.get_model_info(model_uri)
+        if "pytorch" not in info.flavors:
+            raise DataError(f"--model {model_uri}: not a PyTorch model (flavors: "
+                            f"{', '.join(info.flavors)}); reprolab serves its own pt2 models")
         model = mlflow.pytorch.load_model(model_uri)
     except MlflowException as exc:
-        raise DataError(f"--model {model_uri}: {str(exc).splitlines()[0]}") from None
+        message = str(exc).splitlines()[0]
+        if "pickle" in message.lower():
+            raise DataError(
+                f"--model {model_uri}: saved in MLflow's pickle format, whose loading runs code "
+                "from the artifact; refused. Log it with serialization_format='pt2', or, for a "
+                "registry you trust, pass --allow-pickle"
+            ) from None
+        raise DataError(f"--model {model_uri}: {message}") from None
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", None)
+        else:
+            os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = previous
     shape = tuple(info.signature.inputs.inputs[0].shape[1:])
     classes = (info.metadata or {}).get("classes") or []  # models logged without names
     return model, shape, classes
@@ -386,4 +426,9 @@ def logged_model_uri(run_id: str) -> str | None:
         [experiment], filter_string=f"source_run_id = '{run_id}'"
     )
     ready = [m for m in models if m.status == LoggedModelStatus.READY]
+    # one that a failure (a full disk, a lost server) left unfinished is removed: the run ends
+    # with exactly one model
+    for model in models:
+        if model.status != LoggedModelStatus.READY:
+            client.delete_logged_model(model.model_id)
     return ready[0].model_uri if ready else None

@@ -12,6 +12,7 @@ import contextlib
 import csv
 import hashlib
 import io
+import itertools
 import logging
 import signal
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from reprolab.io import (
     LockHeld,
     atomic_dir,
     atomic_path,
+    check_replaceable,
     exclusive_lock,
     sha256_file,
     write_text,
@@ -129,9 +131,24 @@ def one_trainer(path: Path) -> Iterator[None]:
 
 
 def read_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The resume checkpoint, or None. One that cannot be read (truncated by a full disk,
+    flipped bytes) is moved aside with a warning and training starts over: never a traceback,
+    never a checkpoint that blocks `train` until someone deletes it."""
     if not path.exists():
         return None
-    return torch.load(path, weights_only=True, map_location="cpu")
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+        if not isinstance(state, dict) or "epoch" not in state:
+            raise ValueError("not a reprolab checkpoint")
+        return state
+    except Exception as exc:  # noqa: BLE001 - zip, unpickling and tensor errors all mean "corrupt"
+        aside = next(path.with_name(f"{path.name}.corrupt-{n}") for n in itertools.count(1)
+                     if not path.with_name(f"{path.name}.corrupt-{n}").exists())
+        path.replace(aside)
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        log.warning("checkpoint %s is unreadable (%s); moved to %s, training from the start",
+                    path, reason[:200], aside.name)
+        return None
 
 
 def resume_state(path: Path, state: dict[str, Any] | None, identity: str) -> dict[str, Any] | None:
@@ -178,6 +195,7 @@ def run(cfg: Config, progress: bool = False) -> TrainResult:
 
 
 def train_locked(cfg: Config, progress: bool) -> TrainResult:
+    check_replaceable(cfg.models_dir, model_files(cfg))  # before any work, not after it
     cfg = with_tuned(cfg)  # the config that trains, written to models/config.yaml
     source = "tune" if cfg.train.use_tuned else "params"
     optimizer, lr = cfg.train.optimizer, cfg.train.lr
@@ -237,6 +255,11 @@ def train_locked(cfg: Config, progress: bool) -> TrainResult:
     return TrainResult(run_id, model_uri, hyper, result, model)
 
 
+def model_files(cfg: Config) -> tuple[str, ...]:
+    """What train writes into models/ ("run.json": what it held before outputs named no run)."""
+    return (cfg.model_file.name, CONFIG_FILE, "run.json")
+
+
 def write_outputs(
     cfg: Config, spec: dict[str, Any], model: torch.nn.Module, history: list[dict[str, float]],
 ) -> str:
@@ -244,7 +267,7 @@ def write_outputs(
 
     All pure functions of code, params and data: no run id, path, time or timing inside.
     """
-    with atomic_dir(cfg.models_dir) as tmp:
+    with atomic_dir(cfg.models_dir, model_files(cfg)) as tmp:
         save_checkpoint(tmp / cfg.model_file.name, spec, model)
         model_hash = sha256_file(tmp / cfg.model_file.name)
         write_yaml(tmp / CONFIG_FILE, cfg.as_dict())

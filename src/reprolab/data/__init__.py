@@ -38,6 +38,31 @@ def load_meta(processed_dir: Path) -> dict[str, Any]:
     return read_json(path)
 
 
+def data_entries(root: Path) -> list[Path]:
+    """What a raw folder's manifest lists, and all preprocess may read: every entry but real
+    folders and hidden entries (the manifest itself, reprolab's output marker, .DS_Store),
+    which no reader touches. A symlinked folder is an entry: never entered."""
+    return sorted(
+        p for p in Path(root).rglob("*")
+        if (p.is_symlink() or not p.is_dir())
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        and p != Path(root) / MANIFEST
+    )
+
+
+def raw_top_level(root: Path) -> set[str]:
+    """The names directly in a raw folder that its manifest accounts for (fetch may replace a
+    folder holding nothing else, written before the output marker existed)."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        return set()
+    try:
+        listed = read_json(path).get("files", {})
+    except (ValueError, AttributeError):
+        return set()
+    return {MANIFEST, *(name.split("/")[0] for name in listed)}
+
+
 def processed_digest(meta: dict[str, Any]) -> str:
     """One hash for the processed data: the hashes of its splits (meta.json records them)."""
     blob = json.dumps(meta["split_sha256"], sort_keys=True).encode()

@@ -9,7 +9,15 @@ from typing import Any
 import numpy as np
 
 from reprolab.config import Config
-from reprolab.data import MANIFEST, META, SPLITS, digits, imagefolder, torchvision_sets
+from reprolab.data import (
+    MANIFEST,
+    META,
+    SPLITS,
+    data_entries,
+    digits,
+    imagefolder,
+    torchvision_sets,
+)
 from reprolab.errors import DataError
 from reprolab.io import atomic_dir, read_json, sha256_file, write_json
 
@@ -18,15 +26,18 @@ REPORT_FILE = "report.json"
 
 
 def verify_manifest(raw_dir: Path) -> str:
-    """Check every file the manifest lists by size and sha256; -> the manifest's own hash."""
+    """The raw folder must hold exactly the files its manifest lists, each with the size and
+    sha256 recorded there; -> the manifest's own hash."""
     path = raw_dir / MANIFEST
     if not path.exists():
         raise DataError(f"{path}: manifest not found; run `reprolab fetch` first")
-    manifest = read_json(path)
-    for rel, entry in manifest["files"].items():
+    listed = read_json(path)["files"]
+    same_entries(raw_dir, set(listed))
+    for rel, entry in listed.items():
         file = raw_dir / rel
-        if not file.is_file():
-            raise DataError(f"{file}: listed in {path} but missing; run `reprolab fetch` again")
+        if not file.is_file():  # a FIFO in its place would block the hash forever
+            raise DataError(f"{file}: not a regular file, {MANIFEST} lists one; "
+                            "run `dvc repro fetch` (or `reprolab fetch`)")
         # Content, not modification time: a changed file with its mtime restored is still caught.
         if file.stat().st_size != entry["size"] or sha256_file(file) != entry["sha256"]:
             raise DataError(
@@ -34,6 +45,23 @@ def verify_manifest(raw_dir: Path) -> str:
                 "the raw data changed since fetch, run `reprolab fetch` again"
             )
     return sha256_file(path)
+
+
+def on_disk(raw_dir: Path) -> set[str]:
+    """Entries a manifest must list (the rule fetch lists them by)."""
+    return {p.relative_to(raw_dir).as_posix() for p in data_entries(raw_dir)}
+
+
+def same_entries(raw_dir: Path, listed: set[str]) -> None:
+    """Refuse an entry the manifest lacks (it would be read unverified) or one it lists that is
+    gone, naming the first of them."""
+    found = on_disk(raw_dir)
+    fix = "run `dvc repro fetch` (or `reprolab fetch`)"
+    for names, problem in ((listed - found, f"listed in {MANIFEST} but missing; {fix}"),
+                           (found - listed, f"not in {MANIFEST}; {fix} or remove it")):
+        if names:
+            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+            raise DataError(f"{raw_dir / min(names)}: {problem}{more}")
 
 
 def stratified_split(
@@ -92,6 +120,21 @@ def channel_stats(
     return mean.tolist(), np.maximum(std, 1e-6).tolist()
 
 
+def fetch_skipped(manifest: dict[str, Any], raw_dir: Path, skip_bad: bool) -> list[str]:
+    """Entries of the image folder that fetch left out (data.skip_bad_images) -> their paths.
+    Refused when skip_bad_images is now false: no image may go missing unannounced."""
+    skipped = manifest.get("skipped", {})
+    for rel, why in sorted(skipped.items()):
+        if not skip_bad:
+            raise DataError(
+                f"{raw_dir / MANIFEST}: fetch left out {rel} ({why}) under "
+                "data.skip_bad_images: true, which is now false; run `dvc repro fetch` "
+                "(or `reprolab fetch`)"
+            )
+        log.warning("skipped by fetch: %s: %s", rel, why)
+    return sorted(skipped)
+
+
 def read_raw(cfg: Config, raw_dir: Path):
     """-> (images, labels, official test images or None, their labels, classes, skipped)."""
     dataset = cfg.data.dataset
@@ -100,7 +143,8 @@ def read_raw(cfg: Config, raw_dir: Path):
         return images, labels, None, None, classes, []
     if dataset == "imagefolder":
         images, labels, classes, skipped = imagefolder.read(
-            raw_dir, cfg.data.channels, cfg.data.image_size, cfg.data.skip_bad_images
+            raw_dir, cfg.data.channels, cfg.data.image_size, cfg.data.skip_bad_images,
+            cfg.data.max_image_pixels,
         )
         return images, labels, None, None, classes, skipped
     images, labels, test_x, test_y, classes = torchvision_sets.read(dataset, raw_dir)
@@ -112,12 +156,15 @@ def run(cfg: Config) -> dict[str, Any]:
 
     raw_dir = cfg.raw_dir
     manifest_hash = verify_manifest(raw_dir)
-    dataset = read_json(raw_dir / MANIFEST)["dataset"]
+    manifest = read_json(raw_dir / MANIFEST)
+    dataset = manifest["dataset"]
     if dataset != cfg.data.dataset:
         raise DataError(
             f"{raw_dir / MANIFEST}: holds dataset {dataset!r}, params say {cfg.data.dataset!r}"
         )
+    left_out = fetch_skipped(manifest, raw_dir, cfg.data.skip_bad_images)
     images, labels, test_x, test_y, classes, skipped = read_raw(cfg, raw_dir)
+    skipped = sorted({*left_out, *skipped})
     official = test_x is not None
     index = stratified_split(labels, cfg.data.val_fraction,
                              0.0 if official else cfg.data.test_fraction, cfg.seed, classes)
@@ -137,7 +184,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "manifest_sha256": manifest_hash,
         "seed": cfg.seed,
     }
-    with atomic_dir(cfg.processed_dir) as tmp:
+    with atomic_dir(cfg.processed_dir, (*(f"{name}.pt" for name in SPLITS), META)) as tmp:
         for name in SPLITS:  # one split in memory at a time
             if name == "test" and official:
                 x, y = test_x, test_y

@@ -1,0 +1,310 @@
+"""Faults and hostile input, injected for real: every case ends in one line and a non-zero exit,
+with nothing outside the stage's outputs changed, nothing executed and nothing half-written.
+
+(Image folders, raw files and the pixel limit: tests/test_faults_data.py.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from conftest import TINY, training_run_id
+from reprolab import cli, tracking, train
+from reprolab.data import load_split
+
+
+def tree(root: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """sha256 of every file under root, but those under `skip` (a stage's own outputs) and
+    train's lock file (empty once released)."""
+    skip = (*skip, "checkpoints/train.lock")
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*"))
+            if p.is_file() and not str(p.relative_to(root)).startswith(skip)}
+
+
+def run_cli(cfg, stage: str, *overrides: str, extra: tuple[str, ...] = ()) -> int:
+    args = [stage, "-q", "--params", str(cfg.base_dir / "params.yaml"), *extra]
+    for item in (*TINY, *overrides):
+        args += ["-S", item]
+    return cli.main(args)
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err, err
+    assert len(err.splitlines()) == 1, err
+    (line,) = err.splitlines()
+    return line
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Path:
+    """A small file system mounted at `path` (as root): a disk that fills up, or turns
+    read-only, on demand."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                   check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+# ---- nothing outside a stage's outputs is deleted ----
+
+@pytest.mark.parametrize("models", [".", "data", "/tmp/elsewhere", "../outside", "src", ".git",
+                                    "reports/models", "params.yaml"])
+def test_a_path_that_would_delete_the_repository_is_refused(project, capsys, models):
+    cfg = project()
+    (cfg.base_dir / "src").mkdir()
+    (cfg.base_dir / "src" / "code.py").write_text("kept\n")
+    before = tree(cfg.base_dir)
+    assert run_cli(cfg, "train", f"paths.models={models}") == 2
+    line = one_line(capsys)
+    assert "paths.models" in line and "allowed" in line, line
+    assert tree(cfg.base_dir) == before
+
+
+def test_a_folder_reprolab_did_not_write_is_never_replaced(project, capsys):
+    cfg = project()
+    notes = cfg.base_dir / "notes"
+    notes.mkdir()
+    (notes / "keep.txt").write_text("mine\n")
+    before = tree(cfg.base_dir)
+    assert run_cli(cfg, "train", "paths.models=notes") == 2
+    assert "notes: exists and was not written by reprolab" in one_line(capsys)
+    assert tree(cfg.base_dir) == before
+    # what reprolab wrote it replaces: a second train into its own folder works
+    assert run_cli(cfg, "train", "paths.models=trained", "train.epochs=1") == 0
+    assert run_cli(cfg, "train", "paths.models=trained", "train.epochs=2") == 0
+    assert (cfg.base_dir / "trained" / ".reprolab-output").is_file()
+
+
+# ---- no code from artifacts ----
+
+class Payload(torch.nn.Module):
+    """A model whose unpickling runs code: it touches a file."""
+
+    marker = ""
+
+    def forward(self, x):
+        return x
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_pickle_format_model_is_refused_and_runs_no_code(project, capsys, tmp_path):
+    cfg = project()
+    marker = tmp_path / "pwned"
+    Payload.marker = str(marker)
+    mlflow.set_tracking_uri(cfg.mlflow_uri)
+    mlflow.set_experiment("pickle-test")
+    with mlflow.start_run():
+        # pip_requirements given: MLflow would otherwise load (and so run) it to infer them
+        info = mlflow.pytorch.log_model(Payload(), name="model", serialization_format="pickle",
+                                        pip_requirements=["torch"])
+    assert not marker.exists()
+    image = tmp_path / "digit.png"
+    from PIL import Image
+
+    Image.fromarray(load_split(cfg.processed_dir, "test").x[0, 0].numpy(), "L").save(image)
+
+    capsys.readouterr()  # what logging the model printed
+    assert run_cli(cfg, "predict", extra=("--model", info.model_uri, str(image))) == 2
+    line = one_line(capsys)
+    assert "pickle format" in line and "--allow-pickle" in line, line
+    assert not marker.exists()
+    # the payload is real: opting in for a trusted registry does run it
+    with contextlib.suppress(Exception):
+        tracking.load_classifier(info.model_uri, allow_pickle=True)
+    assert marker.exists()
+
+
+# ---- every artifact verified where it is read ----
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_processed_split_is_refused(project, capsys, damage):
+    cfg = project()
+    path = cfg.processed_dir / "train.pt"
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01
+    else:
+        data = data[: len(data) // 2]
+    path.write_bytes(bytes(data))
+    before = tree(cfg.base_dir)
+    assert run_cli(cfg, "train") == 2
+    line = one_line(capsys)
+    assert "train.pt: content does not match the sha256 in meta.json" in line, line
+    assert tree(cfg.base_dir, ("checkpoints",)) == before
+
+
+@pytest.mark.parametrize("content", ["garbage", "truncated"])
+def test_a_corrupt_checkpoint_is_moved_aside_and_training_starts_over(project, caplog,
+                                                                      content):
+    cfg = project("train.epochs=1")
+    cfg.checkpoint_file.parent.mkdir(parents=True)
+    if content == "garbage":
+        cfg.checkpoint_file.write_bytes(b"not a checkpoint")
+    else:
+        torch.save({"epoch": 1, "weights": torch.zeros(10000)}, cfg.checkpoint_file)
+        blob = cfg.checkpoint_file.read_bytes()
+        cfg.checkpoint_file.write_bytes(blob[: len(blob) // 2])
+    damaged = cfg.checkpoint_file.read_bytes()
+    result = train.run(cfg)
+    assert [row["epoch"] for row in result.history] == [1]
+    aside = cfg.checkpoint_file.with_name("train.pt.corrupt-1")
+    assert aside.read_bytes() == damaged
+    assert any("unreadable" in r.message and "corrupt-1" in r.message for r in caplog.records)
+
+
+# ---- validation that names the culprit ----
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("train.lr=inf", "train.lr = 'inf': input should be a finite number"),
+    ("train.lr=.inf", "train.lr = inf: input should be a finite number"),
+    ("tune.lr_high=.inf", "tune.lr_high = inf: input should be a finite number"),
+    ("train.lrr=0.1", "unknown key train.lrr; did you mean train.lr?"),
+    ("tune.storage=postgresq://me@db/optuna",
+     "tune.storage = 'postgresq://me@db/optuna': not a database URL"),
+])
+def test_a_bad_value_is_one_line_naming_the_key(project, capsys, override, expected):
+    cfg = project()
+    before = tree(cfg.base_dir)
+    assert run_cli(cfg, "tune", override) == 2
+    assert expected in one_line(capsys)
+    assert tree(cfg.base_dir) == before
+
+
+def test_a_typo_and_a_repeated_key_in_params_yaml(project, capsys):
+    cfg = project()
+    params = cfg.base_dir / "params.yaml"
+    text = params.read_text()
+    params.write_text(text.replace("\n  lr: 1.0e-3", "\n  lrr: 1.0e-3"))
+    assert run_cli(cfg, "train") == 2
+    assert "unknown key train.lrr; did you mean train.lr?" in one_line(capsys)
+    params.write_text(text.replace("\n  lr: 1.0e-3", "\n  lr: 1.0e-3\n  lr: 0.5"))
+    assert run_cli(cfg, "train") == 2
+    line = one_line(capsys)
+    assert "params.yaml: key 'lr' appears twice in one section" in line, line
+
+
+def test_a_mistyped_tracking_uri_is_refused_before_it_is_opened(project, capsys, monkeypatch):
+    cfg = project()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "htp://127.0.0.1:5000")
+    before = tree(cfg.base_dir)
+    assert run_cli(cfg, "train") == 2
+    assert "MLFLOW_TRACKING_URI = 'htp://127.0.0.1:5000': not a tracking store" in \
+        one_line(capsys)
+    assert tree(cfg.base_dir) == before
+
+
+# ---- environment faults ----
+
+def test_a_full_disk_is_one_line_and_the_rerun_has_one_model(project, capsys):
+    """models/ on a disk too small for the model: train fails after logging the model, keeps
+    its checkpoint; once there is space, the rerun resumes the run and reuses that model."""
+    cfg = project("paths.models=out/models", "tracking.experiment=full-disk")
+    with tmpfs(cfg.base_dir / "out", "64k"):
+        assert run_cli(cfg, "train", "paths.models=out/models",
+                       "tracking.experiment=full-disk") == 1
+        line = one_line(capsys)
+        assert "out/models: no space left on the device" in line, line
+        assert not (cfg.base_dir / "out" / "models").exists()
+        assert cfg.checkpoint_file.is_file()  # kept for the rerun
+        (failed,) = MlflowClient().search_runs(
+            [MlflowClient().get_experiment_by_name("full-disk").experiment_id])
+        assert failed.info.status == "FAILED"
+    assert run_cli(cfg, "train", "paths.models=out/models", "tracking.experiment=full-disk") == 0
+    run_id = training_run_id(cfg)
+    assert run_id == failed.info.run_id  # the same run, resumed
+    client = MlflowClient()
+    models = client.search_logged_models(
+        [failed.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    assert len(models) == 1
+    steps = [m.step for m in client.get_metric_history(run_id, "val/accuracy")]
+    assert steps == [1, 2, 3]
+
+
+def test_a_read_only_store_is_one_line(project, capsys, monkeypatch, tmp_path):
+    cfg = project()
+    with tmpfs(tmp_path / "store", "16m") as store:
+        uri = f"sqlite:///{store / 'mlflow.db'}"
+        # the store exists, tables and all (made in another process, which lets go of it)
+        subprocess.run([sys.executable, "-c", "import sys; from mlflow import MlflowClient; "
+                        "MlflowClient(sys.argv[1]).search_experiments()", uri], check=True)
+        subprocess.run(["mount", "-o", "remount,ro", str(store)], check=True)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        before = tree(cfg.base_dir)
+        assert run_cli(cfg, "train") == 1
+        line = one_line(capsys)
+        assert f"the MLflow store {uri}:" in line and "readonly" in line, line
+        assert tree(cfg.base_dir, ("checkpoints",)) == before
+
+
+@pytest.mark.slow
+def test_a_vanished_tracking_server_is_one_line_and_the_rerun_resumes(project, tmp_path):
+    """The team's server goes away mid-training: train ends with one line naming it; with the
+    server back, the rerun resumes the same run and logs every epoch exactly once."""
+    import os
+
+    from servers import BIN, free_port, serve, stop
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server_args = [str(BIN / "mlflow"), "server", "--backend-store-uri",
+                   f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
+                   (tmp_path / "artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port),
+                   "--workers", "1"]
+    overrides = ["train.epochs=4", "train.batch_size=16", "tracking.experiment=vanish"]
+    cfg = project(*overrides)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+           "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    args = [sys.executable, "-m", "reprolab", "train", "-q", "--params",
+            str(cfg.base_dir / "params.yaml")]
+    for item in (*TINY, *overrides):
+        args += ["-S", item]
+
+    server = serve(server_args, port, dict(os.environ), "/health")
+    try:
+        proc = subprocess.Popen(args, cwd=cfg.base_dir, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while not cfg.checkpoint_file.exists():  # the first epoch is done and logged
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.05)
+    finally:
+        stop(server)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    (line,) = err.strip().splitlines()
+    assert f"the MLflow store {uri}:" in line and "run again" in line, line
+    assert not cfg.models_dir.exists()
+
+    server = serve(server_args, port, dict(os.environ), "/health")
+    try:
+        rerun = subprocess.run(args, cwd=cfg.base_dir, env=env, capture_output=True, text=True)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        client = MlflowClient(uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("vanish").experiment_id])
+        assert run.info.status == "FINISHED"
+        for key in ("train/loss", "val/accuracy"):
+            assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == \
+                [1, 2, 3, 4]
+        models = client.search_logged_models([run.info.experiment_id])
+        assert len(models) == 1
+    finally:
+        stop(server)
