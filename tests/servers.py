@@ -13,6 +13,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 BIN = Path(sys.executable).parent
 
@@ -60,6 +61,21 @@ def post(url: str, body: dict) -> dict:
 def get(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=30) as response:
         return json.loads(response.read())
+
+
+def served_probabilities(model_uri: str, batch: Any, env: dict[str, str]) -> Any:
+    """Start `mlflow models serve` for `model_uri`, post `batch` (N x C x H x W pixels) and
+    return its answer as an N x K float32 array."""
+    import numpy as np
+
+    port = free_port()
+    proc = serve([str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager",
+                  "local", "-h", "127.0.0.1", "-p", str(port)], port, env, "/ping")
+    try:
+        answer = post(f"http://127.0.0.1:{port}/invocations", {"inputs": batch.tolist()})
+    finally:
+        stop(proc)
+    return np.array(answer["predictions"], dtype=np.float32)
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from reprolab import cli, evaluate, predict, register, train
 from reprolab.config import load_config
 from reprolab.data import load_split
 from reprolab.recipe import run_name
-from servers import free_port, get, post, serve, stop
+from servers import free_port, get, post, serve, served_probabilities, stop
 
 MODEL = "serving-test"
 
@@ -111,18 +111,9 @@ def test_predict_table_and_default_model(pipeline, images, capsys):
 def test_mlflow_models_serve_answers_like_predict(pipeline, images):
     cfg, _ = pipeline
     _, files, _ = images
-    port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.mlflow_uri}
-    mlflow_cli = str(Path(sys.executable).parent / "mlflow")
-    proc = serve([mlflow_cli, "models", "serve", "-m", f"models:/{MODEL}@champion",
-                   "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                  port, env, "/ping")
-    try:
-        batch = np.stack([predict.load_image(f, (1, 8, 8)) for f in files])
-        answer = post(f"http://127.0.0.1:{port}/invocations", {"inputs": batch.tolist()})
-    finally:
-        stop(proc)
-    served = np.array(answer["predictions"], dtype=np.float32)
+    batch = np.stack([predict.load_image(f, (1, 8, 8)) for f in files])
+    served = served_probabilities(f"models:/{MODEL}@champion", batch,
+                                  {**os.environ, "MLFLOW_TRACKING_URI": cfg.mlflow_uri})
     local = predict.run(f"models:/{MODEL}@champion", [str(f) for f in files], cfg)
     assert [int(row.argmax()) for row in served] == [int(p.label) for p in local]
     np.testing.assert_allclose(served, [p.probabilities for p in local], atol=1e-6)

@@ -264,3 +264,31 @@ def test_tuned_values_become_the_config_that_trains(project):
     run = MlflowClient().get_run(result.run_id)
     assert run.data.params["train.lr"] == "0.003"
     assert run.data.tags["params_hash"] == with_tuned(cfg).params_hash
+
+
+def test_verify_names_what_it_cannot_rebuild_and_why_models_differ(project, capsys):
+    from reprolab import cli, verify
+
+    cfg = project("tracking.experiment=verify-test", "register.model_name=verify-test",
+                  "train.epochs=1")
+    train.run(cfg)
+    evaluate.run(cfg)
+    register.run(cfg)
+    # this project is no git repository: nothing to rebuild from
+    args = ["verify", "-q", "--params", str(cfg.base_dir / "params.yaml"),
+            "models:/verify-test@champion"]
+    assert cli.main(args) == 1
+    out = capsys.readouterr().out.strip()
+    assert "differs" in out and "not built from a git commit" in out, out
+    assert cli.main([*args[:-1], "runs:/abc/model"]) == 2
+    assert "not a registry URI" in capsys.readouterr().err
+
+    # the reasons compare what the version recorded with this platform and the rebuilt data
+    meta = read_json(cfg.processed_dir / "meta.json")
+    tags = {"params_hash": cfg.params_hash, "data.manifest_sha256": meta["manifest_sha256"],
+            "torch.version": "2.0.0", "torch.cpu_capability": "AVX512", "device": "cpu"}
+    reasons = verify.likely_reasons(tags, cfg.as_dict(), meta)
+    assert reasons[0].startswith("torch version 2.0.0 (registered) vs ")
+    assert any(r.startswith("CPU capability AVX512 (registered)") for r in reasons) == (
+        torch.backends.cpu.get_cpu_capability() != "AVX512")
+    assert not [r for r in reasons if r.startswith(("params", "data", "device"))]

@@ -25,7 +25,7 @@ from reprolab.config import load_config
 from reprolab.data import load_split
 from reprolab.io import sha256_file
 from reprolab.register import replay
-from servers import BIN, free_port, mlflow_server, post, serve, stop
+from servers import BIN, mlflow_server, served_probabilities
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from harness import git_copy  # noqa: E402  (the git copy the end-to-end tests use)
@@ -133,16 +133,9 @@ def test_pipeline_registers_predicts_and_serves_through_a_server(server, machine
     assert code == 0
     local = predict.run(f"models:/{name}@champion", [str(f) for f in files], cfg)
 
-    port = free_port()
-    proc = serve([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{name}@champion",
-                  "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                 port, {**os.environ, "MLFLOW_TRACKING_URI": server}, "/ping")
-    try:
-        batch = np.stack([predict.load_image(f, (1, 8, 8)) for f in files])
-        answer = post(f"http://127.0.0.1:{port}/invocations", {"inputs": batch.tolist()})
-    finally:
-        stop(proc)
-    served = np.array(answer["predictions"], dtype=np.float32)
+    batch = np.stack([predict.load_image(f, (1, 8, 8)) for f in files])
+    served = served_probabilities(f"models:/{name}@champion", batch,
+                                  {**os.environ, "MLFLOW_TRACKING_URI": server})
     np.testing.assert_allclose(served, [p.probabilities for p in local], atol=1e-6)
 
 
