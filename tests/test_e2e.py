@@ -135,6 +135,8 @@ def test_temp_experiment_writes_into_the_same_store(repro):
     assert len(runs) == 1  # the training run only: tune was restored from the cache, not rerun
     assert runs[0].data.params["train.hparams_source"] == "params"
     assert runs[0].data.tags.get("dvc.exp_name")
+    # -S edited params.yaml, which the resolved config records: the tree is not dirty
+    assert runs[0].data.tags["git.dirty"] == "false"
     assert "test/f1_macro" in runs[0].data.metrics  # evaluate ran there too
     assert not list((dest / ".dvc" / "tmp").rglob("mlflow.db"))
     # one epoch from untuned params is worse: registered as challenger, champion unchanged

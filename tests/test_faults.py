@@ -109,7 +109,9 @@ def test_a_pickle_format_model_is_refused_and_runs_no_code(project, capsys, tmp_
     marker = tmp_path / "pwned"
     Payload.marker = str(marker)
     mlflow.set_tracking_uri(cfg.mlflow_uri)
-    mlflow.set_experiment("pickle-test")
+    experiment = mlflow.create_experiment("pickle-test",  # artifacts here, not in ./mlruns
+                                          artifact_location=(tmp_path / "art").as_uri())
+    mlflow.set_experiment(experiment_id=experiment)
     with mlflow.start_run():
         # pip_requirements given: MLflow would otherwise load (and so run) it to infer them
         info = mlflow.pytorch.log_model(Payload(), name="model", serialization_format="pickle",

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import shlex
+import signal
 import sys
 
 # stage -> module; a stage, its module, its params section and its report folder share a name.
@@ -69,9 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger().setLevel(level)  # also when logging was set up before (tests, embeds)
-    # MLflow announces every new store's table set-up, and logs a store's failure with a
-    # traceback before raising it: the stage says it in one line (describe_store_error)
+    # MLflow announces every new store's table set-up, logs a store's failure with a traceback
+    # before raising it, and urllib3 warns at every retry: the stage says it in one line
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+    # MLflow retries a silent server for minutes by default (7 times, backoff factor 2); a few
+    # seconds tell a stage that the server is gone. Set them to wait longer.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     from reprolab.config import load_config
     from reprolab.errors import ReprolabError
 
@@ -85,13 +92,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reprolab {args.stage}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
+        # a second signal while the process winds down must not turn exit code 130 into a
+        # death by signal
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print(f"reprolab {args.stage}: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:  # the disk, not the code: full, read-only, no permission
         print(f"reprolab {args.stage}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 1
     except Exception as exc:
-        line = describe_store_error(exc, cfg)
+        line = describe_store_error(exc, cfg, args.stage)
         if line is None:
             raise  # a bug: the traceback is what a report needs
         print(f"reprolab {args.stage}: error: {line}", file=sys.stderr)
@@ -115,7 +126,7 @@ def describe_os_error(exc: OSError) -> str:
     return f"{where}: {advice} (outputs are written atomically: nothing was half-written)"
 
 
-def describe_store_error(exc: Exception, cfg: object) -> str | None:
+def describe_store_error(exc: Exception, cfg: object, stage: str) -> str | None:
     """One line for a tracking store or study database that failed under the stage (gone,
     unreachable, read-only); None for anything else."""
     module = type(exc).__module__.split(".")[0]
@@ -123,9 +134,9 @@ def describe_store_error(exc: Exception, cfg: object) -> str | None:
         return None
     what = "the Optuna storage" if module in ("sqlalchemy", "psycopg", "pymysql") else \
         f"the MLflow store {getattr(cfg, 'mlflow_uri', '')}"
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-    return (f"{what}: {first}; check that it is reachable and writable, then run again "
-            "(train resumes its run)")
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:500]
+    again = "run again (train resumes its run)" if stage == "train" else "run again"
+    return f"{what}: check that it is reachable and writable, then {again}: {first}"
 
 
 if __name__ == "__main__":

@@ -42,8 +42,8 @@ METRICS = ("accuracy", "f1_macro", "f1_weighted")
 
 Optimizer = Literal["sgd", "adam", "adamw", "rmsprop"]
 STORAGE_SCHEMES = ("postgresql", "mysql", "mariadb", "sqlite")
-TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file",
-                    "databricks")
+# MLflow 3 refuses file stores (file:// or a plain path) unless MLFLOW_ALLOW_FILE_STORE is set
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks")
 
 
 def _scheme(url: str) -> str | None:
@@ -367,10 +367,13 @@ with warnings.catch_warnings():
             env = os.environ.get("MLFLOW_TRACKING_URI")
             if env:
                 # checked before MLflow opens it: a typo would otherwise surface as a traceback
-                if "://" in env and _scheme(env) not in TRACKING_SCHEMES:
+                file_store = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() == "true"
+                if env != "databricks" and _scheme(env) not in TRACKING_SCHEMES and \
+                        not file_store:
                     raise ConfigError(
                         f"MLFLOW_TRACKING_URI = {env!r}: not a tracking store MLflow opens; "
-                        f"allowed schemes: {', '.join(TRACKING_SCHEMES)}"
+                        f"allowed schemes: {', '.join(TRACKING_SCHEMES)} (for a local store: "
+                        "sqlite:///path/mlflow.db)"
                     )
                 return env
             return f"sqlite:///{self.store_root / self.paths.mlflow_db}"

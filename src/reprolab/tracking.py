@@ -57,8 +57,10 @@ def git_state(cwd: Path) -> dict[str, str]:
         return {"git.commit": "none", "git.dirty": "unknown"}
     # DVC rewrites dvc.lock (and .dvc files) between the stages it runs: that is not a change
     # to the code or params the run came from.
+    # params.yaml neither: `dvc exp run -S` edits it, and the run records the resolved config
+    # (params_hash, config.yaml), which is what `reprolab verify` rebuilds with.
     changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                  ":(exclude)dvc.lock", ":(exclude)*.dvc")
+                  ":(exclude)dvc.lock", ":(exclude)*.dvc", ":(exclude)params.yaml")
     # MLflow's own tag too, which its UI links to the commit
     return {"git.commit": commit, "git.dirty": str(bool(changed)).lower(),
             "mlflow.source.git.commit": commit}

@@ -145,9 +145,8 @@ def read_checkpoint(path: Path) -> dict[str, Any] | None:
         aside = next(path.with_name(f"{path.name}.corrupt-{n}") for n in itertools.count(1)
                      if not path.with_name(f"{path.name}.corrupt-{n}").exists())
         path.replace(aside)
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         log.warning("checkpoint %s is unreadable (%s); moved to %s, training from the start",
-                    path, reason[:200], aside.name)
+                    path, type(exc).__name__, aside.name)
         return None
 
 
