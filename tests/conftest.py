@@ -17,6 +17,14 @@ from reprolab.config import Config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two test processes on the machine's cores: one thread each (and in every
+    # process they start), not two each spinning against the other's
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+
 # Small enough for 2 cores, big enough that the numbers mean something.
 TINY = [
     "train.epochs=3",
