@@ -136,7 +136,7 @@ def run(cfg: Config) -> dict[str, float]:
     model, _ = load_checkpoint(cfg.model_file)  # refuses a missing model with one line
     model_hash = sha256_file(cfg.model_file)
     tracking.configure(cfg)
-    run_info = tracking.training_run_for(cfg.model_file, cfg.tracking.experiment)
+    run_info = tracking.training_run_for(cfg.model_file, model_hash, cfg.tracking.experiment)
     started = time.perf_counter()
     probs = predict_proba(model, test.x, cfg.evaluate.batch_size).numpy()
     throughput = len(test) / (time.perf_counter() - started)

@@ -122,20 +122,6 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock between processes on this machine (released when the process dies)."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 class LockHeld(Exception):
     """Another process holds an exclusive_lock; `pid` is the pid it wrote, None if unknown."""
 
@@ -146,8 +132,9 @@ class LockHeld(Exception):
 
 @contextlib.contextmanager
 def exclusive_lock(path: Path) -> Iterator[None]:
-    """Like file_lock, but never waits: raise LockHeld, naming the holder's pid, when another
-    process holds it (or another open of the same file in this process).
+    """An exclusive lock between processes on this machine that never waits: raise LockHeld,
+    naming the holder's pid, when another process holds it (or another open of the same file in
+    this process).
 
     The holder writes its pid into the file; the kernel drops the lock when the holder dies, even
     by kill -9, and the next holder overwrites the dead pid.
@@ -178,18 +165,24 @@ def _holder_pid(path: Path, wait_s: float = 1.0) -> int | None:
     deadline = time.monotonic() + wait_s
     while True:
         text = path.read_text().strip() if path.exists() else ""
-        if text.isdigit() and _alive(int(text)):
+        if text.isdigit() and pid_alive(int(text)):
             return int(text)
         if time.monotonic() >= deadline:
             return None
         time.sleep(0.05)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` on this machine still runs (a zombie, killed but not yet reaped by
+    its parent, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process: alive
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no /proc (macOS), or it just went
+        return True
+    return stat.rpartition(")")[2].split()[0] != "Z"

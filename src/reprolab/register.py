@@ -80,8 +80,9 @@ def replay(versions: list[dict[str, Any]], metric: str, min_delta: float) -> Rep
     return Replay(champion["version"] if champion else None, challenger, verdicts)
 
 
-def evaluated_metrics(cfg: Config) -> dict[str, float]:
-    """The test metrics, refused unless evaluate measured the very model in models/."""
+def evaluated_metrics(cfg: Config) -> tuple[dict[str, float], str]:
+    """-> (the test metrics, the model's sha256), refused unless evaluate measured the very
+    model in models/."""
     metrics_path, model_path = cfg.metrics_file, cfg.model_file
     for path in (model_path, metrics_path, cfg.evaluated_file):
         if not path.is_file():
@@ -94,7 +95,7 @@ def evaluated_metrics(cfg: Config) -> dict[str, float]:
             f"{metrics_path}: measures model {measured[:12]}, not {model_path} "
             f"({model_hash[:12]}); run `reprolab evaluate` (or `dvc repro`) before registering"
         )
-    return read_json(metrics_path)
+    return read_json(metrics_path), model_hash
 
 
 def check_gate(name: str, stored: dict[str, str], metric: str, min_delta: float) -> None:
@@ -144,9 +145,9 @@ def one_version_per_model(name: str, version: str, model_hash: str) -> str:
 def run(cfg: Config) -> dict[str, Any]:
     from reprolab import tracking
 
-    metrics = evaluated_metrics(cfg)
+    metrics, model_hash = evaluated_metrics(cfg)
     tracking.configure(cfg)
-    run_info = tracking.training_run_for(cfg.model_file, cfg.tracking.experiment)
+    run_info = tracking.training_run_for(cfg.model_file, model_hash, cfg.tracking.experiment)
     name, metric, min_delta = cfg.register.model_name, cfg.register.metric, cfg.register.min_delta
     gate = {GATE_METRIC_TAG: metric, GATE_DELTA_TAG: repr(float(min_delta))}
     check_gate(name, tracking.ensure_registered_model(name, gate), metric, min_delta)

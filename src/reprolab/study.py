@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reprolab.io import pid_alive
+
 log = logging.getLogger(__name__)
 
 FINISHED = ("COMPLETE", "PRUNED")
@@ -193,25 +195,6 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return not _zombie(pid)
-
-
-def _zombie(pid: int) -> bool:
-    """A killed worker process that its parent (maybe this very process) has not reaped yet."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:  # no /proc (macOS), or it just went
-        return False
-    return stat.rpartition(")")[2].split()[0] == "Z"
-
-
 def end_runs_of(trial: Any) -> None:
     """End the MLflow runs a failed trial's worker left RUNNING: the trial's, and the parent run
     its process owned (a `--worker` or the stage's own process). A run that already ended (or
@@ -251,7 +234,7 @@ def fail_dead_local_trials(study: Any, storage: Any) -> int:
     me, failed = socket.gethostname(), 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         host, _, pid = str(trial.user_attrs.get(WORKER, "")).rpartition(":")
-        if host != me or not pid.isdigit() or _alive(int(pid)):
+        if host != me or not pid.isdigit() or pid_alive(int(pid)):
             continue
         try:
             storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)

@@ -118,7 +118,7 @@ def start_run(
             mlflow.end_run(status)
         except Exception as exc:  # noqa: BLE001 - the store failed: keep the error that ended us
             log.info("could not mark run %s %s: %s", run.info.run_id, status,
-                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             if status == "FINISHED":
                 raise
 
@@ -130,27 +130,25 @@ def source_tags(stage: str) -> dict[str, str]:
     return {"mlflow.source.name": f"src/reprolab/{module}.py", "mlflow.source.type": "LOCAL"}
 
 
-def training_run_for(model_file: Path, experiment: str | None = None) -> dict[str, Any]:
-    """-> {run_id, model_uri, tags} of the training run that wrote `model_file`, found by the
-    file's sha256 in the store MLflow points at (latest finished run first, in `experiment`
-    first)."""
+def training_run_for(model_file: Path, digest: str, experiment: str | None = None
+                     ) -> dict[str, Any]:
+    """-> {run_id, model_uri, tags} of the training run that wrote `model_file`, whose sha256 is
+    `digest` (the caller hashed it already), found in the store MLflow points at (latest
+    finished run first, in `experiment` first)."""
     from reprolab.errors import DataError
-    from reprolab.io import sha256_file
 
-    if not model_file.is_file():
-        raise DataError(f"{model_file}: not found; run `reprolab train` (or `dvc repro`) first")
-    digest = sha256_file(model_file)
     client = MlflowClient()
     query = f"tags.`{MODEL_HASH_TAG}` = '{digest}' and attributes.status = 'FINISHED'"
-    runs: list[Any] = []
+
+    def latest(experiment_ids: list[str]) -> list[Any]:
+        return client.search_runs(experiment_ids, query, max_results=1,
+                                  order_by=["attributes.start_time DESC"]) if experiment_ids else []
+
     # this project's experiment first; then any (`mlflow run --experiment-name` trains elsewhere)
     own = mlflow.get_experiment_by_name(experiment) if experiment else None
-    scopes = [[own.experiment_id]] if own else []
-    scopes.append([e.experiment_id for e in client.search_experiments()])
-    for scope in scopes:
-        if scope and not runs:
-            runs = client.search_runs(scope, query, order_by=["attributes.start_time DESC"],
-                                      max_results=1)
+    runs = latest([own.experiment_id]) if own else []
+    if not runs:
+        runs = latest([e.experiment_id for e in client.search_experiments()])
     if not runs:
         raise DataError(
             f"{model_file}: no finished training run with {MODEL_HASH_TAG} {digest[:12]} in the "
