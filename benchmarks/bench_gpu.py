@@ -5,6 +5,9 @@
 - Time to 99% test accuracy on MNIST, with the four MNIST files placed by hand under
   --mnist (default data/raw/mnist/MNIST/raw, torchvision's layout): fast_cnn, params.yaml's
   train section, bf16, the test split evaluated after every epoch; the clock includes that.
+- torchrun on the GPUs (benchmarks/bench_scaling.py's ranks, NCCL): with 2 or more GPUs, all of
+  them against 1 on the same global batch (speed-up and scaling efficiency); with one, a 1-rank
+  smoke run under torchrun on cuda:0 (the NCCL path), its images per second.
 
     python benchmarks/bench_gpu.py [--device cuda] [--mnist DIR] [--images N] [--rounds N]
 """
@@ -111,8 +114,34 @@ def main(argv: list[str] | None = None) -> list[Row]:
     device = torch.device(args.device)
     rows = throughput_rows(device, args.images, args.rounds)
     row = time_to_accuracy(device, args.mnist, args.accuracy)
-    report("gpu", rows + ([row] if row else []))
+    rows += ([row] if row else []) + torchrun_rows(args.rounds)
+    report("gpu", rows)
     return rows
+
+
+def torchrun_rows(rounds: int) -> list[Row]:
+    """N GPUs against 1 under torchrun (bench_scaling.py's ranks), or a 1-GPU smoke run."""
+    import argparse
+
+    import bench_scaling
+    import torch
+
+    gpus = torch.cuda.device_count()
+    ranks = argparse.Namespace(device="cuda", images=60_000, batch=1024)
+    seen: dict = {}
+    if gpus < 2:
+        speed = bench_scaling.launch(1, ranks, seen)
+        return [Row(name="torchrun smoke, 1 rank on cuda:0 (NCCL), MNIST-shaped 60,000 images",
+                    a_label="1 rank", b_label="", a=speed, b=0.0, unit="img/s", ratio=1.0,
+                    ratio_label="-", control=None, target="", met=None, rounds=1,
+                    note=f"one GPU here: no scaling figure; {seen[1, 0]}")]
+    samples = alternate(lambda: bench_scaling.launch(gpus, ranks, seen),
+                        lambda: bench_scaling.launch(1, ranks, seen), rounds=rounds)
+    row = row_from(samples, name=f"torchrun, {gpus} GPUs vs 1, MNIST-shaped 60,000 images, "
+                   "global batch 1024", a_label=f"{gpus} GPUs", b_label="1 GPU", unit="img/s",
+                   ratio="A/B")
+    row.note = f"scaling efficiency {row.ratio / gpus:.0%}; NCCL; {seen[gpus, 0]}"
+    return [row]
 
 
 if __name__ == "__main__":

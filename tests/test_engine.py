@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import copy
 import io
+import logging
 import math
 
 import pytest
 import torch
 
+from reprolab import engine
 from reprolab.data import Split, load_training_data
-from reprolab.engine import Hyper, augment, evaluate, fit, make_schedule, seed_everything
+from reprolab.engine import (
+    Hyper,
+    augment,
+    batches_of,
+    evaluate,
+    fit,
+    make_schedule,
+    seed_everything,
+    share,
+)
 from reprolab.errors import TrainingDiverged
 from reprolab.models import MODELS, build, count_parameters, model_spec
 
@@ -140,6 +152,148 @@ def test_schedules_warm_up_and_anneal():
     assert lrs["onecycle"][0] < 0.01 and lrs["onecycle"][-1] < 1e-4
 
 
+
+def _formula_lr(lr, schedule, warmup, total, step):
+    """The schedule as reprolab wrote it by hand before it used torch's schedulers."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    progress = (step - warmup) / max(1, total - warmup)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+@pytest.mark.parametrize(("epochs", "steps", "warmup_epochs"),
+                         [(4, 10, 0.0), (4, 10, 1.0), (30, 19, 2.5), (20, 469, 0.5)])
+def test_schedule_follows_the_formula_at_every_step(schedule, epochs, steps, warmup_epochs):
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=0.1)
+    hp = Hyper(optimizer="sgd", lr=0.1, epochs=epochs, batch_size=1, schedule=schedule,
+               warmup_epochs=warmup_epochs)
+    sched = make_schedule(opt, hp, steps_per_epoch=steps)
+    total, warmup = epochs * steps, round(warmup_epochs * steps)
+    for step in range(total):
+        assert abs(opt.param_groups[0]["lr"] - _formula_lr(0.1, schedule, warmup, total, step)) \
+            <= 1e-12, step
+        opt.step()
+        sched.step()
+
+
+def test_ranks_share_each_global_batch_and_its_augmentation(digits):
+    """Concatenated in rank order, the ranks' shares are the single-process batches exactly,
+    augmentation included, also for an uneven last batch; the weights turn summed losses into
+    the global batch's mean."""
+    _, train, _ = digits
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
+    alone = list(batches_of(train, order, 100, 2, True, torch.Generator().manual_seed(1)))
+    assert len(train) % 100 and len(alone[-1][1]) == len(train) % 100  # an uneven last batch
+    world = 3
+    ranks = [list(batches_of(train, order, 100, 2, True, torch.Generator().manual_seed(1),
+                             rank, world)) for rank in range(world)]
+    for i, (x, y, weight) in enumerate(alone):
+        shares = [ranks[r][i] for r in range(world)]
+        assert torch.equal(torch.cat([s[0] for s in shares]), x)
+        assert torch.equal(torch.cat([s[1] for s in shares]), y)
+        assert [len(s[1]) for s in shares] == [len(y[part]) for part in
+                                               (share(len(y), r, world) for r in range(world))]
+        assert shares[0][2] * sum(len(s[1]) for s in shares) == pytest.approx(world)
+        assert weight == pytest.approx(1 / len(y))
+
+
+def test_progress_without_a_terminal_logs_within_an_epoch(digits, monkeypatch, caplog):
+    meta, train, val = digits
+    monkeypatch.setattr(engine, "PROGRESS_EVERY_S", 0.0)  # every step, instead of every 30 s
+    hp = Hyper(optimizer="adam", lr=1e-3, epochs=1, batch_size=256)
+    with caplog.at_level(logging.INFO, logger="reprolab.engine"):
+        fit(_model(meta), train, val, hp, progress=True)  # pytest's stderr is no terminal
+    steps = math.ceil(len(train) / 256)
+    lines = [r.getMessage() for r in caplog.records if "step " in r.getMessage()]
+    assert [line.split()[3] for line in lines] == [f"{s}/{steps}" for s in range(1, steps + 1)]
+    assert all(line.startswith("epoch 1/1  step ") and "img/s" in line for line in lines)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="reprolab.engine"):
+        fit(_model(meta), train, val, hp, progress=False)
+    assert not [r for r in caplog.records if "step " in r.getMessage()]
+
+
+def test_progress_on_a_terminal_draws_bars_and_logs_no_step_lines(digits, monkeypatch, caplog):
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+    import threading
+
+    meta, train, val = digits
+    monkeypatch.setattr(engine, "PROGRESS_EVERY_S", 0.0)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns
+    chunks: list[bytes] = []
+
+    def drain() -> None:  # a full pty would block the writer
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    terminal = os.fdopen(slave, "w")
+    monkeypatch.setattr("sys.stderr", terminal)
+    try:
+        with caplog.at_level(logging.INFO, logger="reprolab.engine"):
+            fit(_model(meta), train, val, Hyper(optimizer="adam", lr=1e-3, epochs=2,
+                                               batch_size=256), progress=True)
+    finally:
+        terminal.close()
+        reader.join(timeout=5)
+        os.close(master)
+    shown = b"".join(chunks).decode(errors="replace")
+    assert "train:" in shown and "2/2" in shown and "epoch 2" in shown  # tqdm's bars
+    assert not [r for r in caplog.records if "step " in r.getMessage()]
+
+
+def test_a_state_saved_at_the_early_stop_resumes_to_the_same_end(digits):
+    meta, train, val = digits
+    hp = Hyper(optimizer="sgd", lr=0.2, momentum=0.9, epochs=12, batch_size=64, patience=2)
+    saved: list[dict] = []
+    expected = fit(_model(meta), train, val, hp,
+                   save_state=lambda s: saved.append(copy.deepcopy(s)))
+    assert expected.stopped_early
+    model = _model(meta, seed=5)
+    resumed = fit(model, train, val, hp, state=saved[-1])  # killed after its last checkpoint
+    assert resumed.stopped_early and resumed.history == expected.history
+    assert resumed.best_epoch == expected.best_epoch
+
+
+def test_sync_batchnorm_stands_in_while_training_and_leaves_plain_batchnorm():
+    from reprolab.engine import _sync_batchnorm
+
+    torch.manual_seed(0)
+    model = build(model_spec("fast_cnn", (3, 16, 16), 10, [0.0] * 3, [1.0] * 3, width=8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    originals = _sync_batchnorm(model)
+    assert originals and all(isinstance(m, torch.nn.BatchNorm2d) for m in originals.values())
+    assert all(isinstance(model.get_submodule(n), torch.nn.SyncBatchNorm) for n in originals)
+    with torch.no_grad():  # training changes the stand-ins' tensors: the originals share them
+        for name in originals:
+            model.get_submodule(name).weight.add_(1.0)
+            model.get_submodule(name).running_mean.add_(2.0)
+    for name, module in originals.items():
+        model.set_submodule(name, module)
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    for key, value in model.state_dict().items():
+        shift = 1.0 if key.endswith(".weight") and key.rsplit(".", 1)[0] in originals else \
+            2.0 if key.endswith("running_mean") else 0.0
+        assert torch.equal(value, before[key] + shift) if shift else \
+            torch.equal(value, before[key]), key
+
+
 def test_augment_crops_and_flips_whole_batches():
     x = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).reshape(2, 1, 4, 4)
     g = torch.Generator().manual_seed(0)
@@ -172,3 +326,15 @@ def test_every_model_fits_any_shape_and_trains_one_step(name, shape, classes):
     torch.nn.functional.cross_entropy(model(x), y).backward()
     opt.step()
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize(("native", "expected"), [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16(monkeypatch, native, expected):
+    from reprolab import engine
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cpu = torch.device("cpu")
+    assert engine.select_precision("auto", cpu) == expected
+    for forced in ("fp32", "bf16", "fp16"):  # an explicit choice is never second-guessed
+        assert engine.select_precision(forced, cpu) == forced

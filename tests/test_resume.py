@@ -1,5 +1,6 @@
-"""Interrupting `reprolab train`: SIGTERM ends the run KILLED, kill -9 loses nothing, and the
-rerun resumes the same MLflow run to weights bitwise identical to an uninterrupted run."""
+"""Interrupting `reprolab train`: SIGTERM ends the run KILLED with a checkpoint, kill -9 loses
+nothing that a checkpoint holds, and the rerun resumes the same MLflow run to weights bitwise
+identical to an uninterrupted run, with every epoch's metrics in the run exactly once."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from reprolab import cli, train
 
 # Small batches make an epoch last long enough to be interrupted in the middle of one.
 SLOW = ["train.epochs=4", "train.batch_size=16", "train.schedule=cosine", "data.augment.flip=true"]
+EVERY_EPOCH, NEVER = "train.checkpoint_every_s=0", "train.checkpoint_every_s=3600"
 
 
 def _checkpoint_epoch(cfg) -> int:
@@ -44,38 +46,85 @@ def _weights(cfg):
     return torch.load(cfg.models_dir / "model.pt", weights_only=True)["state_dict"]
 
 
+_STRAIGHT: dict[tuple[str, ...], dict] = {}
+
+
+def _assert_same_as_uninterrupted(project, cfg, overrides) -> None:
+    """cfg's trained weights against those of an uninterrupted run of the same training
+    overrides (trained once per module, in another experiment of the same project)."""
+    got = _weights(cfg)  # read first: the straight run writes the same models/
+    key = tuple(sorted(o for o in overrides if not o.startswith("tracking.")))
+    if key not in _STRAIGHT:
+        straight = project(*key, "tracking.experiment=resume-straight")
+        train.run(straight)
+        _STRAIGHT[key] = _weights(straight)
+    expected = _STRAIGHT[key]
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
+class _SigtermOnLog(logging.Handler):
+    """Sends this process SIGTERM (from another thread, as from outside) when a log line with
+    `text` appears: the epoch's state then waits in memory, its timed checkpoint not due."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text, self.seen, self.done = text, threading.Event(), False
+        self.thread = threading.Thread(target=self._kill)
+        self.thread.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen.set()
+
+    def _kill(self) -> None:
+        if self.seen.wait(timeout=120) and not self.done:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def stop(self) -> None:
+        self.done = True
+        self.seen.set()
+        self.thread.join()
+
+
 def test_sigterm_then_kill_9_then_resume_is_bitwise_identical(project, capsys):
     overrides = [*TINY, "tracking.experiment=resume-test", *SLOW]
     cfg = project(*overrides[len(TINY):])
-    args = ["train", "-q", "--params", str(cfg.base_dir / "params.yaml")]
+    args = ["train", "--params", str(cfg.base_dir / "params.yaml")]
     for item in overrides:
         args += ["-S", item]
 
-    # SIGTERM from outside while `reprolab train` runs here, in this process
+    # SIGTERM from outside while `reprolab train` runs here, in this process, between timed
+    # checkpoints: the state of the last finished epoch is written on the way out
     previous = signal.getsignal(signal.SIGTERM)
-    killer = threading.Thread(
-        target=_when_checkpoint, args=(cfg, 1, lambda: os.kill(os.getpid(), signal.SIGTERM))
-    )
-    killer.start()
+    killer = _SigtermOnLog("epoch 2/4")
+    logging.getLogger("reprolab.engine").addHandler(killer)
     try:
-        code = cli.main(args)
+        code = cli.main([*args, "-S", NEVER])
     finally:
         signal.signal(signal.SIGTERM, previous)
-    killer.join()
+        logging.getLogger("reprolab.engine").removeHandler(killer)
+        killer.stop()
     assert code == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "reprolab train: interrupted"
-    run_id = torch.load(cfg.checkpoint_file, weights_only=True)["run_id"]
+    state = torch.load(cfg.checkpoint_file, weights_only=True)
+    run_id, first = state["run_id"], state["epoch"]
+    assert 1 <= first < 4  # not the one written at the start (epoch 0): the one on SIGTERM
     assert MlflowClient().get_run(run_id).info.status == "KILLED"
+    _assert_each_epoch_once(run_id, state["history"])  # flushed with that checkpoint
 
-    # kill -9 of a resumed run in another process: no chance to clean up
-    proc = subprocess.Popen([sys.executable, "-m", "reprolab", *args], cwd=cfg.base_dir,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _when_checkpoint(cfg, 2, lambda: os.kill(proc.pid, signal.SIGKILL),
+    # kill -9 of a resumed run in another process, checkpointing every epoch now (how often is
+    # no part of a checkpoint's identity): no chance to clean up
+    proc = subprocess.Popen([sys.executable, "-m", "reprolab", *args, "-q", "-S", EVERY_EPOCH],
+                            cwd=cfg.base_dir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    _when_checkpoint(cfg, first + 1, lambda: os.kill(proc.pid, signal.SIGKILL),
                      alive=lambda: proc.poll() is None)
     _, err = proc.communicate()
     assert proc.returncode == -signal.SIGKILL, err
     state = torch.load(cfg.checkpoint_file, weights_only=True)
-    assert state["run_id"] == run_id and 2 <= state["epoch"] < 4
+    assert state["run_id"] == run_id and first < state["epoch"] < 4
 
     result = train.run(cfg)  # the rerun resumes the same run and finishes it
     assert result.run_id == run_id
@@ -83,13 +132,7 @@ def test_sigterm_then_kill_9_then_resume_is_bitwise_identical(project, capsys):
     assert run.info.status == "FINISHED"
     _assert_each_epoch_once(run_id, result.history)
     assert not cfg.checkpoint_file.exists()
-
-    straight = project("tracking.experiment=resume-test-straight", *SLOW)
-    train.run(straight)
-    expected, got = _weights(straight), _weights(cfg)
-    assert expected.keys() == got.keys()
-    for key in expected:
-        assert torch.equal(expected[key], got[key]), key
+    _assert_same_as_uninterrupted(project, cfg, SLOW)
 
 
 def test_checkpoint_from_another_config_is_ignored(project, caplog):
@@ -134,22 +177,24 @@ def test_reduced_precision_trains_on_cpu(project, precision):
 # ---- one trainer at a time; each epoch in MLflow exactly once ----
 
 # `python DRIVER <cli args>` runs `reprolab` with a real kill -9 at one chosen point: the process
-# dies in MLflow calls of train, where no signal from outside could land reliably.
+# dies in MLflow calls of train, or between two checkpoints, where no signal from outside could
+# land reliably.
 DRIVER = """
-import os, signal, sys
-from reprolab import cli, tracking
+import math, os, signal, sys
+from reprolab import cli, tracking, train
 
 WHERE, EPOCH = sys.argv[1], int(sys.argv[2])
-log_metrics, log_model = tracking.log_metrics, tracking.log_model
+log_epochs, log_model, save = tracking.log_epochs, tracking.log_model, train.Checkpointer.__call__
 
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
-def dying_log_metrics(metrics, step=None):
-    if WHERE == "before metrics" and step == EPOCH:
+def dying_log_epochs(rows):  # the metrics of the epochs a checkpoint has just written
+    epochs = [row["epoch"] for row in rows]
+    if WHERE == "before metrics" and EPOCH in epochs:
         die()
-    log_metrics(metrics, step)
-    if WHERE == "after metrics" and step == EPOCH:
+    log_epochs(rows)
+    if WHERE == "after metrics" and EPOCH in epochs:
         die()
 
 def dying_log_model(*args, **kwargs):
@@ -158,7 +203,16 @@ def dying_log_model(*args, **kwargs):
         die()
     return uri
 
-tracking.log_metrics, tracking.log_model = dying_log_metrics, dying_log_model
+def dying_save(self, state):  # the clock says: write after epoch 1, not after EPOCH
+    if WHERE == "between checkpoints" and state["epoch"] == 1:
+        self.written = -math.inf
+    save(self, state)
+    if WHERE == "between checkpoints" and state["epoch"] == EPOCH:
+        assert self.waiting is not None  # in memory only
+        die()
+
+tracking.log_epochs, tracking.log_model = dying_log_epochs, dying_log_model
+train.Checkpointer.__call__ = dying_save
 sys.exit(cli.main(sys.argv[3:]))
 """
 
@@ -219,7 +273,7 @@ def test_a_held_lock_refuses_train_with_the_holders_pid(project):
 @pytest.mark.slow
 def test_second_trainer_is_refused_while_the_first_finishes(project):
     """The orphan of a killed `dvc repro` still trains when `dvc repro` runs again."""
-    overrides = ["tracking.experiment=orphan", *SLOW]
+    overrides = ["tracking.experiment=orphan", *SLOW, EVERY_EPOCH]
     cfg = project(*overrides)
     args = [sys.executable, "-m", "reprolab", *_cli_args(cfg, overrides)]
     first = subprocess.Popen(args, cwd=cfg.base_dir, stdout=subprocess.PIPE,
@@ -248,15 +302,25 @@ def test_second_trainer_is_refused_while_the_first_finishes(project):
     assert len(_logged_models(run_id)) == 1
 
 
-@pytest.mark.parametrize("where, epoch", [("before metrics", 2), ("after metrics", 2),
-                                          ("after model", 0)])
-def test_kill_9_inside_train_then_rerun_logs_everything_once(project, where, epoch):
-    """kill -9 just before and just after an epoch's metrics reach MLflow, and after the model
-    is logged: the rerun resumes the run and leaves each metric step and the model once."""
-    overrides = [f"tracking.experiment=die-{where.replace(' ', '-')}"]
+@pytest.mark.parametrize("where, epoch, every", [
+    ("before metrics", 2, EVERY_EPOCH),  # the checkpoint written, its epoch's metrics not
+    ("after metrics", 2, EVERY_EPOCH),
+    ("before metrics", 3, NEVER),  # the last checkpoint's metrics of all three epochs in flight
+    ("between checkpoints", 2, NEVER),  # epoch 1 written, epoch 2 only in memory
+    ("after model", 0, EVERY_EPOCH),
+], ids=["before-metrics", "after-metrics", "three-epochs-in-flight", "between-checkpoints",
+        "after-model"])
+def test_kill_9_inside_train_then_rerun_logs_everything_once(project, where, epoch, every):
+    """kill -9 just before and just after a checkpoint's metrics reach MLflow, between two
+    checkpoints, and after the model is logged: the rerun resumes the run from the last
+    checkpoint, leaves each metric step and the model once, and ends with the weights of an
+    uninterrupted run."""
+    overrides = [f"tracking.experiment=die-{where.replace(' ', '-')}-{epoch}", every]
     cfg = project(*overrides)
     _die_in_train(cfg, overrides, where, epoch)
     run_id = _running_run(overrides[0].split("=")[1])
+    resumed_at = torch.load(cfg.checkpoint_file, weights_only=True)["epoch"]
+    assert resumed_at == (1 if where == "between checkpoints" else epoch or 3)
 
     result = train.run(cfg)
     assert result.run_id == run_id
@@ -264,10 +328,12 @@ def test_kill_9_inside_train_then_rerun_logs_everything_once(project, where, epo
     _assert_each_epoch_once(run_id, result.history)
     assert [row["epoch"] for row in result.history] == [1, 2, 3]
     assert len(_logged_models(run_id)) == 1
+    if where == "between checkpoints":
+        _assert_same_as_uninterrupted(project, cfg, [])
 
 
 def test_checkpoint_of_a_changed_config_ends_its_run_killed(project):
-    overrides = ["tracking.experiment=changed-config"]
+    overrides = ["tracking.experiment=changed-config", EVERY_EPOCH]
     cfg = project(*overrides)
     _die_in_train(cfg, overrides, "after metrics", 1)
     old_run = _running_run("changed-config")

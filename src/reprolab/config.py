@@ -196,6 +196,11 @@ class Train(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"]
     compile: StrictBool
     deterministic: StrictBool
+    # > 1: `reprolab train` starts this many ranks on this machine with torchrun's launcher
+    processes: Int = Field(default=1, ge=1)
+    # the resume checkpoint: after the epoch that ends this many seconds after the last one
+    # (0: every epoch), at the end, and on SIGTERM / Ctrl-C
+    checkpoint_every_s: Float = Field(default=30.0, ge=0)
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> Train:
@@ -203,6 +208,12 @@ class Train(_Section):
             raise ValueError(
                 f"train.warmup_epochs = {self.warmup_epochs:g} is not below train.epochs = "
                 f"{self.epochs}; allowed: warmup_epochs < epochs"
+            )
+        if self.processes > 1 and self.device == "mps":
+            raise ValueError(
+                f"train.processes = {self.processes} with train.device = 'mps': PyTorch's "
+                "distributed training has no MPS backend; allowed: processes 1 on mps, or "
+                "device cpu, cuda or auto"
             )
         return self
 
@@ -275,9 +286,22 @@ class Evaluate(_Section):
 
 
 class Register(_Section):
-    model_name: StrictStr = Field(min_length=1)
+    enabled: StrictBool  # false: the stage writes decision.json saying so, registers nothing
+    model_name: StrictStr | None = Field(min_length=1)  # null: derived from the dataset
     metric: Literal[METRICS]
     min_delta: Float = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _name_fits_a_model_uri(self) -> Register:
+        # models:/NAME@ALIAS and models:/NAME/VERSION: these characters would split the name
+        if self.model_name is not None and (set(self.model_name) & set("/@:") or
+                                            self.model_name != self.model_name.strip()):
+            raise ValueError(
+                f"register.model_name = {self.model_name!r}: not usable in models:/NAME@ALIAS; "
+                "allowed: a name without '/', '@' or ':' and no surrounding spaces, or null "
+                "(reprolab-<dataset>)"
+            )
+        return self
 
 
 class Tracking(_Section):
@@ -395,6 +419,21 @@ with warnings.catch_warnings():
         @property
         def optuna_journal(self) -> Path:
             return self.store_root / self.paths.optuna_journal
+
+        # ---- the registry ----
+
+        @property
+        def registered_model_name(self) -> str:
+            """register.model_name, or one name per dataset (`reprolab-mnist`; your own images:
+            `reprolab-imagefolder-<folder>`), so that each dataset has its own champion. The
+            input shape is checked by register against the registered model's tag."""
+            if self.register.model_name:
+                return self.register.model_name
+            if self.data.dataset != "imagefolder":
+                return f"reprolab-{self.data.dataset}"
+            folder = PurePosixPath(str(self.data.image_folder).rstrip("/")).name
+            slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", folder).strip("-.") or "images"
+            return f"reprolab-imagefolder-{slug}"
 
         # ---- identity ----
 

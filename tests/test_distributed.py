@@ -1,0 +1,302 @@
+"""Data-parallel training under the real torchrun: 2 CPU processes on the gloo backend.
+
+Each run starts real processes (seconds of imports each), so every run is a module fixture that
+several tests look at: one under `torchrun` itself, one `reprolab train` in this process (1
+rank), one `dvc repro` with train.processes: 2 (`reprolab train` starting torchrun's launcher).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from conftest import REPO
+from reprolab import tracking, train
+from reprolab.config import load_config
+from reprolab.models import with_probabilities
+from test_e2e import VENV, sh, shell_env, tool
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from harness import git_copy  # noqa: E402
+
+# Every run trains this: the global batch of 8 is 4 + 4 across two ranks; 1167 training images
+# end each epoch on an uneven batch of 7 (4 + 3); warm-up, cosine and augmentation draw as one.
+TRAIN = {"use_tuned": False, "epochs": 3, "batch_size": 8, "optimizer": "adam", "lr": 0.002,
+         "schedule": "cosine", "warmup_epochs": 0.5, "precision": "fp32",
+         "checkpoint_every_s": 0}
+AUGMENT = {"crop_padding": 1, "flip": True}
+OVERRIDES = [*(f"train.{k}={str(v).lower() if isinstance(v, bool) else v}"
+               for k, v in TRAIN.items()),
+             *(f"data.augment.{k}={str(v).lower()}" for k, v in AUGMENT.items())]
+# 2 ranks against 1 process on the same global batch: the same arithmetic summed in another
+# order (each rank's share, then gloo's all-reduce). Measured here: about 1e-6 after 3 epochs.
+TOLERANCE = 2e-5
+METRICS = ("train/loss", "train/accuracy", "val/loss", "val/accuracy", "train/lr")
+
+
+def project(root: Path, processed: Path, *more: str):
+    """A project in `root` with the digits data already processed; -> its config."""
+    import shutil
+
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    for rel in ("data/raw", "data/processed"):
+        shutil.copytree(processed / rel, root / rel)
+    return load_config(root / "params.yaml", [*OVERRIDES, *more])
+
+
+def train_args(cfg, *more: str) -> list[str]:
+    args = ["train", "-q", "--params", str(cfg.base_dir / "params.yaml")]
+    for item in [*OVERRIDES, *more]:
+        args += ["-S", item]
+    return args
+
+
+def launcher(cfg, *more: str) -> list[str]:
+    """`reprolab train` with train.processes: 2, which starts torchrun's launcher itself."""
+    return [sys.executable, "-m", "reprolab", *train_args(cfg, "train.processes=2", *more)]
+
+
+def weights(models: Path) -> dict[str, torch.Tensor]:
+    return torch.load(models / "model.pt", weights_only=True)["state_dict"]
+
+
+def history(reports: Path) -> list[dict[str, float]]:
+    with (reports / "train" / "history.csv").open() as fh:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def each_epoch_once(run_id: str, epochs: int) -> None:
+    client = MlflowClient()
+    for key in (*METRICS, "train/images_per_second"):
+        steps = sorted(p.step for p in client.get_metric_history(run_id, key))
+        assert steps == list(range(1, epochs + 1)), key
+
+
+def experiment_runs(name: str) -> list:
+    exp = MlflowClient().get_experiment_by_name(name)
+    return MlflowClient().search_runs([exp.experiment_id]) if exp else []
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, processed_once):
+    """`torchrun --standalone --nproc-per-node=2 -m reprolab train`: torchrun itself."""
+    cfg = project(tmp_path_factory.mktemp("torchrun"), processed_once,
+                  "tracking.experiment=ddp-torchrun")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         "-m", "reprolab", *train_args(cfg, "tracking.experiment=ddp-torchrun")],
+        cwd=cfg.base_dir, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_id = proc.stdout.split()[2]  # "train: run <id>  val/accuracy ..." from rank 0 alone
+    assert proc.stdout.count("train: run ") == 1
+    return cfg, run_id
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, processed_once):
+    cfg = project(tmp_path_factory.mktemp("alone"), processed_once,
+                  "tracking.experiment=ddp-alone")
+    return cfg, train.run(cfg)
+
+
+def test_two_ranks_end_where_one_process_ends(two_ranks, one_process):
+    (cfg2, _), (cfg1, result) = two_ranks, one_process
+    got, expected = weights(cfg2.models_dir), weights(cfg1.models_dir)
+    assert got.keys() == expected.keys()  # the plain module's: no DDP wrapper in the names
+    worst = max((got[k].double() - expected[k].double()).abs().max().item() for k in got)
+    assert worst <= TOLERANCE, worst
+    two, one = history(cfg2.report_dir("train").parent), result.history
+    assert [row["val/accuracy"] for row in two] == [row["val/accuracy"] for row in one]
+    for a, b in zip(two, one, strict=True):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
+        assert a["train/lr"] == pytest.approx(b["train/lr"], abs=1e-12)
+
+
+def test_rank_0_alone_records_one_run_and_one_plain_model(two_ranks, one_process):
+    cfg, run_id = two_ranks
+    runs = experiment_runs("ddp-torchrun")
+    assert [r.info.run_id for r in runs] == [run_id]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    for data in (run.data.params, run.data.tags):
+        assert data["distributed.world_size"] == "2"
+        assert data["distributed.backend"] == "gloo"
+    each_epoch_once(run_id, TRAIN["epochs"])
+    client = MlflowClient()
+    models = client.search_logged_models([run.info.experiment_id])
+    assert len(models) == 1 and models[0].source_run_id == run_id
+    # the logged model is the trained plain module: the same answers as models/model.pt
+    from reprolab.models import load_checkpoint
+
+    logged, _, _ = tracking.load_classifier(run.data.tags[tracking.MODEL_URI_TAG])
+    model, _ = load_checkpoint(cfg.model_file)
+    x = torch.load(cfg.processed_dir / "val.pt", weights_only=True)["x"][:16].float()
+    with torch.no_grad():
+        assert torch.allclose(logged(x), with_probabilities(model.eval())(x), atol=1e-6)
+    # one process and two log the same kind of model: the same signature, the same flavor
+    alone = tracking.load_classifier(one_process[1].model_uri)
+    assert alone[1:] == tracking.load_classifier(run.data.tags[tracking.MODEL_URI_TAG])[1:]
+
+
+def _rank_pid(launcher_pid: int, rank: int) -> int | None:
+    """The pid of the worker with RANK=rank among the launcher's children."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rpartition(")")[2].split()[1])
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == launcher_pid and f"RANK={rank}".encode() in environ:
+            return int(stat.parent.name)
+    return None
+
+
+def _checkpoint_epoch(cfg) -> int:
+    try:
+        return torch.load(cfg.checkpoint_file, weights_only=True)["epoch"]
+    except (FileNotFoundError, RuntimeError, EOFError):  # absent, or replaced while read
+        return 0
+
+
+def test_kill_of_rank_1_mid_epoch_then_rerun_resumes_and_finishes(two_ranks, tmp_path_factory,
+                                                                  processed_once):
+    cfg = project(tmp_path_factory.mktemp("kill"), processed_once,
+                  "tracking.experiment=ddp-kill")
+    first = subprocess.Popen(launcher(cfg, "tracking.experiment=ddp-kill"), cwd=cfg.base_dir,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while _checkpoint_epoch(cfg) < 1 and first.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint after epoch 1"
+            time.sleep(0.02)
+        ranks = [_rank_pid(first.pid, rank) for rank in (0, 1)]
+        for pid in ranks:  # frozen in epoch 2: a second trainer meets the launcher's lock
+            os.kill(pid, signal.SIGSTOP)
+        second = subprocess.run([sys.executable, "-m", "reprolab",
+                                 *train_args(cfg, "tracking.experiment=ddp-kill")],
+                                cwd=cfg.base_dir, capture_output=True, text=True, timeout=120)
+        for pid in ranks:
+            os.kill(pid, signal.SIGCONT)
+        os.kill(ranks[1], signal.SIGKILL)  # rank 1, in the middle of epoch 2
+        _, err = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert second.returncode == 2, second.stderr
+    (refused,) = second.stderr.strip().splitlines()
+    assert refused.startswith("reprolab train: error: another `reprolab train` (pid "
+                              f"{first.pid}) is training this project"), refused
+    assert first.returncode == 1, err[-3000:]
+    assert "error: rank 1 failed, killed by SIGKILL" in err.strip().splitlines()[-1]
+    state = torch.load(cfg.checkpoint_file, weights_only=True)
+    assert 1 <= state["epoch"] < TRAIN["epochs"]
+    assert MlflowClient().get_run(state["run_id"]).info.status in ("FAILED", "KILLED")
+
+    again = subprocess.run(launcher(cfg, "tracking.experiment=ddp-kill"), cwd=cfg.base_dir,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.split()[2] == state["run_id"]  # the same run, resumed
+    assert [r.info.status for r in experiment_runs("ddp-kill")] == ["FINISHED"]
+    each_epoch_once(state["run_id"], TRAIN["epochs"])
+    assert not cfg.checkpoint_file.exists()
+    expected, got = weights(two_ranks[0].models_dir), weights(cfg.models_dir)
+    for key in expected:  # bitwise: the same ranks, the same order of every sum
+        assert torch.equal(expected[key], got[key]), key
+
+
+def test_torchrun_max_restarts_resumes_after_a_killed_rank(two_ranks, tmp_path_factory,
+                                                           processed_once):
+    """torchrun restarts all ranks after rank 1's kill -9; they resume from the checkpoint into
+    the same run (each restart gets its own part of torchrun's store: see start_distributed)."""
+    cfg = project(tmp_path_factory.mktemp("restart"), processed_once,
+                  "tracking.experiment=ddp-restart")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         "--max-restarts=1", "-m", "reprolab", *train_args(cfg, "tracking.experiment=ddp-restart")],
+        cwd=cfg.base_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while _checkpoint_epoch(cfg) < 1 and proc.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint after epoch 1"
+            time.sleep(0.02)
+        os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "failed (exitcode: -9) local_rank: 1" in err  # torchrun's own line: it restarted
+    (run,) = experiment_runs("ddp-restart")
+    assert run.info.status == "FINISHED" and out.split()[2] == run.info.run_id
+    each_epoch_once(run.info.run_id, TRAIN["epochs"])
+    expected, got = weights(two_ranks[0].models_dir), weights(cfg.models_dir)
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+
+def test_diverging_lr_fails_every_rank_within_seconds(tmp_path_factory, processed_once):
+    more = ("tracking.experiment=ddp-diverge", "train.optimizer=sgd", "train.lr=1e6")
+    cfg = project(tmp_path_factory.mktemp("diverge"), processed_once, *more)
+    started = time.monotonic()
+    proc = subprocess.run(launcher(cfg, *more), cwd=cfg.base_dir, capture_output=True,
+                          text=True, timeout=300)
+    seconds = time.monotonic() - started
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    # one line: rank 0's own, or the launcher's naming the rank that stopped first (a race)
+    assert lines[-1].startswith("reprolab train: error: "), lines
+    assert "non-finite loss at epoch 1, step " in lines[-1], lines
+    # rank 1 wrote to its own log (kept, since it failed): it stopped at the same step
+    (rank1,) = cfg.checkpoint_file.parent.glob(".ranks-*/*/attempt_0/1/stderr.log")
+    rank1_line = rank1.read_text().strip().splitlines()[-1]
+    assert rank1_line.startswith("reprolab train: error: non-finite loss at epoch 1, step ")
+    same_step = rank1_line.split(": ")[2]  # "non-finite loss at epoch 1, step N"
+    assert same_step in lines[-1], (rank1_line, lines[-1])
+    assert [r.info.status for r in experiment_runs("ddp-diverge")] == ["FAILED"]
+    assert not cfg.models_dir.exists()
+    assert seconds < 120, seconds  # process start-up included; a hung rank would wait 30 min
+
+
+@pytest.fixture(scope="module")
+def repro_two(tmp_path_factory):
+    """`dvc repro` of the whole pipeline with train.processes: 2, in a clone of the project."""
+    dest = git_copy(tmp_path_factory.mktemp("clone"), {
+        "train": {**TRAIN, "processes": 2}, "data": {"augment": AUGMENT},
+        "tune": {"n_trials": 1, "epochs": 1},
+    })
+    if VENV:
+        (dest / ".venv").symlink_to(VENV)
+    return dest, sh(tool("dvc"), "repro", cwd=dest, env=shell_env())
+
+
+@pytest.mark.e2e
+def test_dvc_repro_with_two_processes_runs_the_whole_pipeline(repro_two):
+    dest, first = repro_two
+    for stage in ("fetch", "preprocess", "tune", "train", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in first.stdout
+    for rel in ("models/model.pt", "reports/evaluate/metrics.json",
+                "reports/register/decision.json"):
+        assert (dest / rel).is_file(), rel
+    client = MlflowClient(tracking_uri=f"sqlite:///{dest / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("reprolab")
+    runs = client.search_runs([exp.experiment_id], "params.`distributed.world_size` = '2'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert "test/accuracy" in runs[0].data.metrics  # evaluate found the run by its model
+
+
+@pytest.mark.e2e
+def test_two_2_rank_runs_are_bitwise_identical(two_ranks, repro_two):
+    """torchrun itself, and `reprolab train` launching torchrun's launcher under `dvc repro`."""
+    expected, got = weights(two_ranks[0].models_dir), weights(repro_two[0] / "models")
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    rows = history(repro_two[0] / "reports")
+    assert rows == history(two_ranks[0].report_dir("train").parent)
