@@ -36,6 +36,10 @@ BAD = [
     ("tune.lr_low=0.5", "tune.lr_low = 0.5 is not below tune.lr_high"),
     ("tune.n_trials=0", "tune.n_trials = 0"),
     ("register.metric=loss", "register.metric = 'loss'"),
+    ("register.enabled=maybe", "register.enabled = 'maybe'"),
+    ("register.model_name=team/a", "register.model_name = 'team/a': not usable in models:/"),
+    ("register.model_name=a@b", "allowed: a name without '/', '@' or ':'"),
+    ("register.model_name=''", "register.model_name = ''"),
     ("train.lr_max=1", "unknown key train.lr_max; allowed keys here: optimizer, lr,"),
     ("trian.lr=1", "unknown key trian; did you mean train?"),
     ("seed.value=1", "seed is a value, not a section"),
@@ -143,3 +147,31 @@ def test_cli_exit_code_and_help_import_nothing_heavy(tmp_path):
         capture_output=True, text=True, check=True,
     )
     assert probe.stdout.strip() == "[]"
+
+
+def test_the_registered_model_name_is_one_per_dataset_unless_named():
+    def name(*overrides: str) -> str:
+        return load_config(REPO / "params.yaml", list(overrides)).registered_model_name
+
+    assert load_config(REPO / "params.yaml").register.model_name is None
+    assert name() == "reprolab-digits"
+    assert name("data.dataset=mnist") == "reprolab-mnist"
+    assert name("data.dataset=cifar10") == "reprolab-cifar10"
+    folder = ["data.dataset=imagefolder"]
+    assert name(*folder, "data.image_folder=/data/My Pets/") == "reprolab-imagefolder-My-Pets"
+    assert name(*folder, "data.image_folder=~/x/cats.v2") == "reprolab-imagefolder-cats.v2"
+    assert name("register.model_name=mine") == "mine"
+    assert name("register.model_name=mine", "data.dataset=mnist") == "mine"
+
+
+def test_version_is_the_packages(capsys):
+    import tomllib
+
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"reprolab {version}"
+    from importlib.metadata import version as installed
+
+    assert installed("reprolab") == version

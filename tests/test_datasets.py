@@ -182,12 +182,12 @@ def test_imagefolder_refuses_mixed_sizes_without_image_size(make_config, tmp_pat
 
 def test_imagefolder_bad_file_is_named_or_skipped(make_config, tmp_path):
     make_folder(tmp_path / "images")
-    (tmp_path / "images" / "dog" / "notes.txt").write_text("not an image")
+    (tmp_path / "images" / "dog" / "notes.png").write_text("not an image")
     base = ["data.dataset=imagefolder", f"data.image_folder={tmp_path / 'images'}",
             "data.image_size=8", "data.channels=1"]
     cfg = make_config(*base)
     fetch.run(cfg)
-    with pytest.raises(DataError, match=r"dog/notes\.txt: not a readable image"):
+    with pytest.raises(DataError, match=r"dog/notes\.png: not a readable image"):
         preprocess.run(cfg)
     cfg = make_config(*base, "data.skip_bad_images=true")
     meta = preprocess.run(cfg)
@@ -197,7 +197,34 @@ def test_imagefolder_bad_file_is_named_or_skipped(make_config, tmp_path):
     import json
 
     skipped = json.loads((cfg.report_dir("preprocess") / "report.json").read_text())
-    assert skipped["skipped_files"] == ["dog/notes.txt"]
+    assert skipped["skipped_files"] == ["dog/notes.png"]
+
+
+def test_imagefolder_reads_only_image_extensions_and_lists_the_rest(make_config, tmp_path):
+    """As torchvision's ImageFolder: notes.txt is not an image file, whatever it holds; it is
+    left out (no error, skip_bad_images or not) and listed in the preprocess report."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    make_folder(tmp_path / "images")
+    (tmp_path / "images" / "dog" / "notes.txt").write_text("a note, not an image")
+    # a real PNG under a name that is not an image's: not read either
+    Image.new("L", (8, 8), 255).save(tmp_path / "images" / "cat" / "cover.bin", format="PNG")
+    # upper case and GIF (which PIL reads and reprolab always read) are images
+    Image.new("L", (8, 8), 9).save(tmp_path / "images" / "cat" / "UPPER.PNG")
+    Image.new("L", (8, 8), 9).save(tmp_path / "images" / "cat" / "anim.gif")
+    cfg = make_config("data.dataset=imagefolder", f"data.image_folder={tmp_path / 'images'}",
+                      "data.image_size=8")
+    fetch.run(cfg)
+    meta = preprocess.run(cfg)
+    assert sum(meta["sizes"].values()) == 12 + 2
+    import json
+
+    report = json.loads((cfg.report_dir("preprocess") / "report.json").read_text())
+    assert report["not_image_files"] == ["cat/cover.bin", "dog/notes.txt"]
+    assert report["skipped_files"] == []
+    from reprolab.data.imagefolder import image_extensions
+
+    assert set(IMG_EXTENSIONS) < set(image_extensions())  # torchvision's list, and GIF
 
 
 def test_imagefolder_class_with_too_few_images(make_config, tmp_path):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -210,6 +212,95 @@ def test_a_mistyped_tracking_uri_is_refused_before_it_is_opened(project, capsys,
     assert "MLFLOW_TRACKING_URI = 'htp://127.0.0.1:5000': not a tracking store" in \
         one_line(capsys)
     assert tree(cfg.base_dir) == before
+
+
+# ---- a stage run out of order says what to run first ----
+
+def _no_data(cfg):
+    for rel in (cfg.paths.raw, cfg.paths.processed):
+        shutil.rmtree(cfg.base_dir / rel)
+
+
+def _trained(cfg):
+    train.run(cfg)
+
+
+OUT_OF_ORDER = [
+    # (stage, set-up, overrides, what its one line says)
+    ("preprocess", _no_data, (), "manifest.json: manifest not found; run `reprolab fetch` first"),
+    ("tune", _no_data, (), "meta.json: not found; run `reprolab preprocess` (or `dvc repro`)"),
+    ("train", _no_data, (), "meta.json: not found; run `reprolab preprocess` (or `dvc repro`)"),
+    ("train", None, ("train.use_tuned=true",),
+     "best_params.yaml: not found; run `reprolab tune` first"),
+    ("evaluate", None, (), "models/model.pt: not found; run `reprolab train` first"),
+    ("register", None, (), "models/model.pt: not found; run `reprolab train` and `reprolab "
+                           "evaluate` (or `dvc repro`) first"),
+    ("register", _trained, (), "evaluate/metrics.json: not found; run `reprolab evaluate` (or "
+                               "`dvc repro`) first"),
+    ("predict", None, ("register.model_name=never-registered",),
+     "error: registered model 'never-registered' has no versions in sqlite:///"),
+]
+
+
+@pytest.mark.parametrize(("stage", "setup", "overrides", "expected"), OUT_OF_ORDER,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(OUT_OF_ORDER)])
+def test_a_stage_run_out_of_order_says_what_to_run_first(project, capsys, stage, setup,
+                                                         overrides, expected):
+    cfg = project("tracking.experiment=out-of-order", "train.epochs=1", *overrides)
+    if setup:
+        setup(cfg)
+    image = cfg.base_dir / "digit.png"
+    from PIL import Image
+
+    Image.new("L", (8, 8)).save(image)
+    before = tree(cfg.base_dir)
+    extra = (str(image),) if stage == "predict" else ()
+    assert run_cli(cfg, stage, "tracking.experiment=out-of-order", "train.epochs=1",
+                   *overrides, extra=extra) == 2
+    line = one_line(capsys)
+    assert line.startswith(f"reprolab {stage}: error: "), line
+    assert expected in line, line
+    if stage == "predict":
+        assert "or pass --model URI" in line, line
+    assert tree(cfg.base_dir, ("checkpoints",)) == before  # nothing written
+
+
+# ---- one trainer at a time: the filelock package's lock, the holder's pid beside it ----
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from reprolab.io import exclusive_lock
+with exclusive_lock(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_the_lock_names_a_live_holder_and_dies_with_it(tmp_path):
+    from reprolab.io import LockHeld, exclusive_lock, pid_note
+
+    lock = tmp_path / "checkpoints" / "train.lock"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockHeld) as held, exclusive_lock(lock):
+            pass
+        assert held.value.pid == holder.pid
+        assert f"held by pid {holder.pid}" in str(held.value)
+        holder.kill()  # kill -9: nothing released by hand, the pid note stays behind
+        holder.wait()
+        assert pid_note(lock).read_text().strip() == str(holder.pid)
+        with exclusive_lock(lock):  # the OS let go of the lock with its holder
+            assert pid_note(lock).read_text().strip() == str(os.getpid())
+            with pytest.raises(LockHeld) as again, exclusive_lock(lock):  # a second open here
+                pass
+            assert again.value.pid == os.getpid()
+        assert not pid_note(lock).exists()  # released: no pid left naming a non-holder
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 # ---- environment faults ----

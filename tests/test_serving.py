@@ -140,3 +140,90 @@ def test_mlflow_server_shows_runs_metrics_and_the_champion(pipeline):
     assert {"train/loss", "val/loss", "val/accuracy", "test/accuracy", "test/f1_macro",
             "test/top5_accuracy"} <= metrics
     assert alias["model_version"]["run_id"] == result.run_id
+
+
+def test_predict_works_from_any_directory(pipeline, images, tmp_path, monkeypatch, capsys):
+    """No params.yaml: a registry URI through MLFLOW_TRACKING_URI; an MLflow model folder and
+    the models/model.pt checkpoint with no store at all."""
+    import mlflow
+
+    cfg, result = pipeline
+    _, files, _ = images
+    expected = _expected(result, files)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    folder = Path(mlflow.artifacts.download_artifacts(result.model_uri,
+                                                      dst_path=str(tmp_path / "download")))
+    monkeypatch.chdir(elsewhere)
+
+    def predict_json(model: str) -> np.ndarray:
+        code = cli.main(["predict", "-q", "--json", "--model", model, *map(str, files)])
+        out, err = capsys.readouterr()
+        assert code == 0 and not err, err
+        got = json.loads(out)
+        assert [p["path"] for p in got] == [str(f) for f in files]
+        return np.array([p["probabilities"] for p in got])
+
+    np.testing.assert_allclose(predict_json(f"models:/{MODEL}@champion"), expected, atol=1e-6)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    np.testing.assert_allclose(predict_json(str(folder)), expected, atol=1e-6)
+    np.testing.assert_allclose(predict_json(str(cfg.model_file)), expected, atol=1e-6)
+
+    # a registry URI without a store to find it in, or no model at all: one line each
+    for args, expected_line in (
+            (["--model", f"models:/{MODEL}@champion"], "no params.yaml here to find the project's"
+                                                       " MLflow store"),
+            ([], "reprolab predict: error: no params.yaml here; pass --model URI")):
+        assert cli.main(["predict", "-q", *args, str(files[0])]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected_line in err, err
+    assert not list(elsewhere.iterdir())  # no store or anything else created here
+
+
+def test_predict_warns_about_dark_ink_on_light_paper_and_inverts(pipeline, tmp_path, capsys):
+    cfg, result = pipeline
+    test = load_split(cfg.processed_dir, "test")
+    light, dark = [], []
+    for i in range(4):
+        pixels = test.x[i, 0].numpy()  # light strokes on black, as trained
+        dark.append(tmp_path / f"dark{i}.png")
+        Image.fromarray(pixels, "L").save(dark[-1])
+        light.append(tmp_path / f"paper{i}.png")  # black ink on white paper
+        Image.fromarray(255 - pixels, "L").save(light[-1])
+
+    def run(files, *args):
+        code = cli.main(["predict", "-q", "--json", "--params", str(cfg.base_dir / "params.yaml"),
+                         "--model", f"models:/{MODEL}@champion", *args, *map(str, files)])
+        out, err = capsys.readouterr()
+        assert code == 0
+        return json.loads(out), err.strip().splitlines()
+
+    as_trained, warned = run(dark)
+    assert warned == [] and not any(p["ink_mismatch"] for p in as_trained)
+    on_paper, warned = run(light)
+    assert warned == [
+        f"reprolab predict: warning: {light[0]} and 3 more: dark strokes on a light background, "
+        "but the model was trained on light strokes on a dark one; pass --invert to flip them"]
+    assert all(p["ink_mismatch"] for p in on_paper)
+    inverted, warned = run(light, "--invert")
+    assert warned == []
+    np.testing.assert_allclose([p["probabilities"] for p in inverted],
+                               [p["probabilities"] for p in as_trained], atol=1e-6)
+    _, warned = run(dark[:1], "--invert")
+    assert len(warned) == 1 and warned[0].endswith("; drop --invert"), warned
+
+
+def test_only_models_of_light_strokes_on_dark_look_at_the_ink():
+    from reprolab.models import build, model_spec
+
+    def model(channels, mean, std):
+        return build(model_spec("simple_cnn", (channels, 8, 8), 10, [mean] * channels,
+                                [std] * channels))
+
+    assert predict.trained_on_dark(model(1, 33.3, 78.6))  # MNIST
+    assert not predict.trained_on_dark(model(1, 120.0, 60.0))  # grayscale photos
+    assert not predict.trained_on_dark(model(3, 30.0, 80.0))  # colour: no ink to speak of
+    flat = np.full((1, 8, 8), 200.0, np.float32)
+    assert not predict.light_background(flat)  # no strokes at all
+    flat[0, 3:5, 2:6] = 0.0
+    assert predict.light_background(flat)

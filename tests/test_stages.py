@@ -81,10 +81,12 @@ def test_train_evaluate_register_on_one_run(project):
     assert run.data.tags["model.sha256"] == sha256_file(cfg.model_file)
     assert run.data.tags["mlflow.source.name"] == "src/reprolab/train.py"
     assert run.data.tags["torch.cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-    (dataset,) = run.inputs.dataset_inputs
+    (dataset,) = [d for d in run.inputs.dataset_inputs  # the training split's input
+                  if {(t.key, t.value) for t in d.tags} >= {("mlflow.data.context", "training")}]
     assert dataset.dataset.source.endswith('"data/processed"}') or \
         dataset.dataset.source == "data/processed", dataset.dataset.source
-    assert run.data.tags["data.processed_sha256"].startswith(dataset.dataset.digest)
+    split_hashes = read_json(cfg.processed_dir / "meta.json")["split_sha256"]
+    assert split_hashes["train"].startswith(dataset.dataset.digest)
     assert len(run.data.tags["data.manifest_sha256"]) == 64
     assert run.data.tags["git.commit"]
     assert run.data.tags["device"] == "cpu"
@@ -98,7 +100,7 @@ def test_train_evaluate_register_on_one_run(project):
     history = MlflowClient().get_metric_history(result.run_id, "val/accuracy")
     assert [m.step for m in history] == [1, 2, 3]
     assert history[-1].value == pytest.approx(float(rows[-1]["val/accuracy"]))
-    assert run.inputs.dataset_inputs[0].dataset.name == "digits"
+    assert dataset.dataset.name == "digits-train"
 
     # the logged model takes raw pixels and returns the in-memory model's probabilities
     test = load_split(cfg.processed_dir, "test")
@@ -148,6 +150,10 @@ def test_train_evaluate_register_on_one_run(project):
     assert "does not beat champion v1" in decision["reason"]
     champion = MlflowClient().get_model_version_by_alias("pipeline-test", "champion")
     assert str(champion.version) == "1"
+    # every version's description says why it holds its alias
+    assert champion.description == "@champion: at registration: no champion yet"
+    challenger = MlflowClient().get_model_version("pipeline-test", "2")
+    assert challenger.description == f"@challenger: at registration: {decision['reason']}"
 
 
 def test_evaluate_and_register_refuse_a_run_missing_from_the_store(project):
@@ -292,3 +298,217 @@ def test_verify_names_what_it_cannot_rebuild_and_why_models_differ(project, caps
     assert any(r.startswith("CPU capability AVX512 (registered)") for r in reasons) == (
         torch.backends.cpu.get_cpu_capability() != "AVX512")
     assert not [r for r in reasons if r.startswith(("params", "data", "device"))]
+
+
+# ---- the registry knows its data: one champion per dataset and input shape ----
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+def _cli(cfg, command: str, *args: str) -> int:
+    from reprolab import cli
+
+    return cli.main([command, "-q", "--params", str(cfg.base_dir / "params.yaml"), *args])
+
+
+def test_the_default_name_is_the_datasets_and_versions_say_why(project):
+    cfg = project("tracking.experiment=per-dataset", "train.epochs=1")
+    assert cfg.register.model_name is None
+    train.run(cfg)
+    evaluate.run(cfg)
+    decision = register.run(cfg)
+    assert (decision["model_name"], decision["alias"]) == ("reprolab-digits", "champion")
+    client = MlflowClient()
+    held = client.get_registered_model("reprolab-digits").tags
+    assert (held["reprolab.dataset"], held["reprolab.input_shape"]) == ("digits", "1x8x8")
+    version = client.get_model_version("reprolab-digits", decision["version"])
+    assert version.tags["model.input_shape"] == "1x8x8"
+    assert version.description == "@champion: at registration: no champion yet"
+
+
+def test_a_model_of_another_shape_is_refused_by_register_evaluate_and_predict(
+        make_config, tmp_path, capsys):
+    from reprolab.data import fetch, preprocess
+    from test_datasets import make_folder
+
+    make_folder(tmp_path / "images", per_class=10)
+    folder = ["data.dataset=imagefolder", f"data.image_folder={tmp_path / 'images'}",
+              "data.val_fraction=0.2", "data.test_fraction=0.2", "train.epochs=1",
+              "register.model_name=folder-shapes", "tracking.experiment=shapes"]
+    small = make_config(*folder, "data.image_size=8")
+    fetch.run(small)
+    preprocess.run(small)
+    train.run(small)
+    evaluate.run(small)
+    decided = register.run(small)
+    assert decided["alias"] == "champion"  # RGB images: 3x8x8
+
+    large = make_config(*folder, "data.image_size=12")
+    preprocess.run(large)  # the data is 3x12x12 now; models/ still holds the 3x8x8 model
+    overrides = [a for item in (*TINY, *folder, "data.image_size=12") for a in ("-S", item)]
+    evaluated = read_json(large.metrics_file)
+    assert _cli(large, "evaluate", *overrides) == 2
+    assert _one_line(capsys).endswith(
+        "models/model.pt: takes 3x8x8 (3 channels) images, but the imagefolder test split "
+        "holds 3x12x12 (3 channels); train on this data first: `reprolab train` (or `dvc repro`)")
+    assert read_json(large.metrics_file) == evaluated  # nothing written
+    image = tmp_path / "images" / "dog" / "00.png"
+    assert _cli(large, "predict", *overrides, str(image)) == 2  # the default: the champion
+    line = _one_line(capsys)
+    assert "models:/folder-shapes@champion: takes 3x8x8 (3 channels) images, but " in line
+    assert "meta.json (imagefolder) holds 3x12x12 (3 channels)" in line, line
+    assert _cli(large, "predict", *overrides, "--model", "models:/folder-shapes@champion",
+                str(image)) == 0  # taken as given: the image is resized to the model's input
+
+    train.run(large)
+    evaluate.run(large)
+    assert _cli(large, "register", *overrides) == 2
+    assert _one_line(capsys) == (
+        "reprolab register: error: register.model_name: registered model 'folder-shapes' holds "
+        "imagefolder models that take 3x8x8 images (its tags); this one is imagefolder, 3x12x12:"
+        " use another register.model_name, or null (reprolab-<dataset>)")
+    assert len(MlflowClient().search_model_versions("name = 'folder-shapes'")) == 1
+    assert read_json(large.report_dir("register") / "decision.json") == decided  # unchanged
+
+
+def test_register_enabled_false_skips_the_registry_and_says_so(project, capsys):
+    name = "skip-test"
+    cfg = project("tracking.experiment=skip", f"register.model_name={name}", "train.epochs=1",
+                  "register.enabled=false")
+    overrides = [a for item in (*TINY, "tracking.experiment=skip", f"register.model_name={name}",
+                                "train.epochs=1", "register.enabled=false") for a in ("-S", item)]
+    assert _cli(cfg, "register", *overrides) == 2  # out of order is still out of order
+    assert "run `reprolab train` and `reprolab evaluate`" in _one_line(capsys)
+    train.run(cfg)
+    evaluate.run(cfg)
+    assert _cli(cfg, "register", *overrides) == 0
+    f1 = read_json(cfg.metrics_file)["f1_macro"]
+    assert capsys.readouterr().out.strip() == (
+        f"register: skipped (register.enabled is false: not registered); test/f1_macro {f1:.4f}")
+    decision = read_json(cfg.report_dir("register") / "decision.json")
+    assert decision["skipped"] is True and decision["version"] is None
+    assert decision["model_name"] == name and decision["value"] == f1
+    assert not MlflowClient().search_registered_models(f"name = '{name}'")
+
+
+def _copy_project(root, processed_once, *overrides):
+    """A project of its own in `root` (its own models/ and reports/), digits data in place."""
+    import shutil
+
+    from conftest import REPO
+    from reprolab.config import load_config
+
+    root.mkdir(parents=True)
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    for rel in ("data/raw", "data/processed"):
+        shutil.copytree(processed_once / rel, root / rel)
+    return load_config(root / "params.yaml", [*TINY, *overrides])
+
+
+def _aliases(name: str) -> dict[str, str | None]:
+    from mlflow.exceptions import MlflowException
+
+    out = {}
+    for alias in ("champion", "challenger"):
+        try:
+            out[alias] = str(MlflowClient().get_model_version_by_alias(name, alias).version)
+        except MlflowException:
+            out[alias] = None
+    return out
+
+
+def test_promote_moves_the_champion_by_hand_and_register_keeps_it(
+        tmp_path, processed_once, capsys, monkeypatch):
+    name = "promote-test"
+    common = ("tracking.experiment=promote", f"register.model_name={name}")
+    good = _copy_project(tmp_path / "good", processed_once, *common)
+    poor = _copy_project(tmp_path / "poor", processed_once, *common, "train.epochs=1",
+                         "train.lr=1e-5")
+    mid = _copy_project(tmp_path / "mid", processed_once, *common, "train.epochs=1")
+    f1 = {}
+    for label, cfg in (("good", good), ("poor", poor), ("mid", mid)):
+        train.run(cfg)
+        f1[label] = evaluate.run(cfg)["f1_macro"]
+    assert f1["good"] > f1["mid"] > f1["poor"]
+    assert register.run(good)["version"] == "1"
+    assert register.run(poor)["alias"] == "challenger"  # v2
+    client = MlflowClient()
+
+    # by hand: v2 becomes champion, recorded in its description
+    assert _cli(good, "promote", name, "2") == 0
+    out = capsys.readouterr().out.strip()
+    assert out == (f"promote: {name} v2 -> @champion (was v1): @champion: promoted by hand "
+                   "(`reprolab promote`) after v2, replacing v1")
+    assert _aliases(name) == {"champion": "2", "challenger": None}
+    assert client.get_model_version(name, "1").description == (
+        "no alias: at registration: no champion yet; replaced as champion by v2")
+    assert "reprolab.promotions" in client.get_model_version(name, "2").tags
+
+    # the next register replays the promotion where it happened: v1 again changes nothing
+    decision = register.run(good)
+    assert (decision["version"], decision["champion"]) == ("1", "2")
+    assert _aliases(name) == {"champion": "2", "challenger": None}
+    # and gates later versions against it: mid beats the promoted v2 (it would not beat v1)
+    decision = register.run(mid)
+    assert (decision["version"], decision["alias"]) == ("3", "champion")
+    assert decision["reason"].startswith("test/f1_macro") and "beats champion v2" in \
+        decision["reason"]
+    assert client.get_model_version(name, "2").description == (
+        "no alias: promoted by hand (`reprolab promote`) after v2, replacing v1; replaced as "
+        "champion by v3")
+    assert _aliases(name) == {"champion": "3", "challenger": None}
+    assert _cli(good, "promote", name, "3") == 0  # already: nothing recorded
+    assert capsys.readouterr().out.strip() == f"promote: {name} v3 is already @champion"
+    assert "reprolab.promotions" not in client.get_model_version(name, "3").tags
+
+
+def test_promote_checks_the_lineage_like_register(tmp_path, processed_once, capsys, monkeypatch):
+    name = "promote-lineage"
+    cfg = _copy_project(tmp_path / "p", processed_once, "tracking.experiment=promote-lineage",
+                        f"register.model_name={name}", "train.epochs=1")
+    train.run(cfg)
+    evaluate.run(cfg)
+    register.run(cfg)
+    client = MlflowClient()
+    v1 = client.get_model_version(name, "1")
+
+    def refused(version: str, expected: str) -> None:
+        assert _cli(cfg, "promote", name, version) == 2
+        line = _one_line(capsys)
+        assert line.startswith(f"reprolab promote: error: {name} v{version}: "), line
+        assert expected in line, line
+        assert _aliases(name)["champion"] == "1"
+
+    # a version added by hand, without reprolab's lineage
+    bare = client.create_model_version(name, v1.source, run_id=v1.run_id, model_id=v1.model_id)
+    refused(str(bare.version), "no model.sha256 tag (not registered by `reprolab register`)")
+    # one whose model takes other images than the registered model holds
+    other = client.create_model_version(name, v1.source, run_id=v1.run_id, model_id=v1.model_id,
+                                        tags={**v1.tags, "model.input_shape": "3x32x32"})
+    refused(str(other.version), "model.input_shape 3x32x32, but registered model "
+                                f"'{name}' holds 1x8x8")
+    # one whose recorded test metric is not what evaluate logged on its training run
+    forged = client.create_model_version(name, v1.source, run_id=v1.run_id, model_id=v1.model_id,
+                                         tags={**v1.tags, "test/f1_macro": "0.999999"})
+    refused(str(forged.version), "test/f1_macro 0.999999 is not what evaluate logged on run")
+    assert _cli(cfg, "promote", name, "99") == 2
+    assert "reprolab promote: error: models:/promote-lineage/99: " in _one_line(capsys)
+
+    # outside the project: the store MLFLOW_TRACKING_URI names, or one line saying so
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    from reprolab import cli
+
+    valid = client.create_model_version(name, v1.source, run_id=v1.run_id, model_id=v1.model_id,
+                                        tags=v1.tags)  # a second version of the very same model
+    assert cli.main(["promote", "-q", name, str(valid.version)]) == 0
+    assert _aliases(name)["champion"] == str(valid.version)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert cli.main(["promote", "-q", name, "1"]) == 2
+    assert "no params.yaml here to find the project's MLflow store" in _one_line(capsys)
+    assert not (elsewhere / "mlflow.db").exists() and not list(elsewhere.iterdir())

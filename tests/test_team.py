@@ -203,6 +203,64 @@ def test_racing_registrations_end_as_registering_in_version_order(server, machin
     assert _aliases(sequential) == expected
 
 
+def _with_promotion(order: list[str], f1: dict[str, float], promoted: str, after: int):
+    """By hand: registering in version order, with `promoted` made champion after version
+    number `after` (gated against from then on)."""
+    champion = challenger = None
+    for number, model in enumerate(order, start=1):
+        if champion is None or f1[model] > f1[champion]:
+            champion = model
+        else:
+            challenger = model
+        if number == after:
+            champion, challenger = promoted, None if challenger == promoted else challenger
+    return {"champion": champion, "challenger": challenger}
+
+
+def test_a_promotion_by_hand_races_registrations_and_the_next_register_keeps_it(
+        server, machines):
+    name = "team-promote"
+    poor, good = machines["poor"], machines["good"]
+    for cfg in (poor, good):  # v1 poor, v2 good (champion)
+        register.run(load_config(cfg.base_dir / "params.yaml", [
+            *TINY, "tracking.experiment=team", f"register.model_name={name}"]))
+    assert _aliases(name)["champion"] == sha256_file(good.model_file)
+
+    # every machine registers while someone promotes v1 (poor) by hand, in any interleaving
+    promoter = [sys.executable, "-c", RACER, "7", "promote", "-q", "--params",
+                str(poor.base_dir / "params.yaml"), name, "1"]
+    procs = [subprocess.Popen(promoter, cwd=poor.base_dir, env=dict(os.environ),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+    procs += _race(machines, name, seed=3)
+    procs[0].communicate(timeout=300)
+    for proc in procs:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    client = MlflowClient()
+    versions = sorted(client.search_model_versions(f"name = '{name}'"),
+                      key=lambda v: int(v.version))
+    order = [v.tags["model.sha256"] for v in versions]
+    by_model = {sha256_file(cfg.model_file): cfg for cfg in machines.values()}
+    assert sorted(order) == sorted(set(by_model))  # twin's model is good's: one version
+    f1 = {model: _f1(cfg) for model, cfg in by_model.items()}
+    (entry,) = versions[0].tags["reprolab.promotions"].split()
+    after = int(entry.partition("@")[0])
+    assert after in range(2, len(order) + 1)  # whenever it came, it came after v2
+    expected = _with_promotion(order, f1, order[0], after)
+    assert _aliases(name) == expected
+    champion = versions[order.index(expected["champion"])]
+    assert champion.description.startswith("@champion: ")
+    for version in versions:
+        if version.version != champion.version and order[int(version.version) - 1] != \
+                expected["challenger"]:
+            assert version.description.startswith("no alias: "), version.description
+
+    # the next register (of a model registered already) replays the promotion: it stays
+    register.run(load_config(good.base_dir / "params.yaml", [
+        *TINY, "tracking.experiment=team", f"register.model_name={name}"]))
+    assert _aliases(name) == expected
+
+
 def test_replay_is_the_gate_applied_in_version_order():
     def version(v, f1, data="d"):
         return {"version": str(v), "tags": {"test/f1_macro": str(f1),

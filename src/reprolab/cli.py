@@ -7,6 +7,8 @@ so `reprolab --help` answers at once.
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import importlib
 import logging
 import os
@@ -23,12 +25,18 @@ STAGES = {
     "evaluate": ("reprolab.evaluate", "test-split metrics and confusion matrix"),
     "register": ("reprolab.register", "register the model; move @champion if it is better"),
 }
-# Commands that are not pipeline stages.
+# Commands that are not pipeline stages ("module:function" when the function is not `main`).
 TOOLS = {
     "predict": ("reprolab.predict", "class and probability for image files or directories"),
+    "promote": ("reprolab.register:promote_main",
+                "make a registered version the champion by hand (lineage checked)"),
     "verify": ("reprolab.verify", "rebuild a registered model from its commit and compare"),
 }
 COMMANDS = {**STAGES, **TOOLS}
+DEFAULT_PARAMS = "params.yaml"
+# Commands that also work outside the project: with --model (predict), or with the store that
+# MLFLOW_TRACKING_URI names, when there is no params.yaml.
+PARAMS_OPTIONAL = ("predict", "promote")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,11 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="reprolab",
         description="Reproducible training of PyTorch image classifiers (DVC, MLflow, Optuna).",
     )
+    from reprolab import __version__  # pyproject.toml's version (tests/test_config.py checks)
+
+    parser.add_argument("--version", action="version", version=f"reprolab {__version__}")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for stage, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(stage, help=help_text, description=help_text)
-        p.add_argument("--params", default="params.yaml", metavar="PATH",
-                       help="params file (default: params.yaml)")
+        p.add_argument("--params", default=DEFAULT_PARAMS, metavar="PATH",
+                       help=f"params file (default: {DEFAULT_PARAMS})")
         p.add_argument("-S", "--set", dest="overrides", action="append", default=[],
                        metavar="KEY.PATH=VALUE",
                        help="override one param, validated like the file (repeatable)")
@@ -53,12 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
              "tune.storage); writes no outputs")
     predict = sub.choices["predict"]
     predict.add_argument("--model", metavar="URI",
-                         help="model URI (default: models:/<register.model_name>@champion)")
+                         help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model, an "
+                              "MLflow model folder or a models/model.pt checkpoint (default: "
+                              "models:/<the registered model name>@champion); with a folder or "
+                              "checkpoint no params.yaml or store is needed")
+    predict.add_argument("--invert", action="store_true",
+                         help="invert the images first (dark strokes on a light background, "
+                              "for a model trained on light strokes on dark)")
     predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
     predict.add_argument("--allow-pickle", action="store_true",
                          help="also load models in MLflow's pickle format, whose loading runs "
                               "code from the artifact (only for a registry you trust)")
     predict.add_argument("paths", nargs="*", metavar="PATH", help="image files or directories")
+    promote = sub.choices["promote"]
+    promote.add_argument("name", metavar="NAME", help="registered model name")
+    promote.add_argument("version", metavar="VERSION", help="version number to make champion")
     sub.choices["verify"].add_argument(
         "model_uri", metavar="MODEL_URI",
         help="a registered version: models:/NAME@ALIAS or models:/NAME/VERSION")
@@ -79,15 +99,25 @@ def main(argv: list[str] | None = None) -> int:
     # seconds tell a stage that the server is gone. Set them to wait longer.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    # A process that loaded torch, MLflow and scikit-learn spends 1-2 s of its exit in the
+    # interpreter's last garbage collection, over objects that die with the process anyway
+    # (benchmarks/bench_startup.py). Freezing them at exit skips it; registered before the stage
+    # runs, it runs after the handlers the stage registers (MLflow's flushes among them).
+    atexit.unregister(gc.freeze)
+    atexit.register(gc.freeze)
+    if args.quiet:  # quiet: MLflow's download bars on stderr too (predict's output is parsed)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from reprolab.config import load_config
     from reprolab.errors import ReprolabError
 
     overrides = [*shlex.split(args.override_list), *args.overrides]
     cfg = None
     try:
-        cfg = load_config(args.params, overrides)  # before any work: a bad value writes nothing
-        module = importlib.import_module(COMMANDS[args.stage][0])
-        code = module.main(cfg, args)
+        cfg = None if params_absent(args, overrides) else \
+            load_config(args.params, overrides)  # before any work: a bad value writes nothing
+        module_name, _, function = COMMANDS[args.stage][0].partition(":")
+        module = importlib.import_module(module_name)
+        code = getattr(module, function or "main")(cfg, args)
     except ReprolabError as exc:
         print(f"reprolab {args.stage}: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -108,6 +138,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reprolab {args.stage}: error: {line}", file=sys.stderr)
         return 1
     return code or 0
+
+
+def params_absent(args: argparse.Namespace, overrides: list[str]) -> bool:
+    """predict and promote outside a project: no params.yaml here, none named, no -S."""
+    from pathlib import Path
+
+    return (args.stage in PARAMS_OPTIONAL and args.params == DEFAULT_PARAMS and not overrides
+            and not Path(DEFAULT_PARAMS).exists())
 
 
 def describe_os_error(exc: OSError) -> str:

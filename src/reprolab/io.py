@@ -130,41 +130,48 @@ class LockHeld(Exception):
         self.path, self.pid = path, pid
 
 
+def pid_note(lock: Path) -> Path:
+    """Beside a lock file: the pid of the process that holds it."""
+    return lock.with_name(lock.name + ".pid")
+
+
 @contextlib.contextmanager
 def exclusive_lock(path: Path) -> Iterator[None]:
     """An exclusive lock between processes on this machine that never waits: raise LockHeld,
     naming the holder's pid, when another process holds it (or another open of the same file in
     this process).
 
-    The holder writes its pid into the file; the kernel drops the lock when the holder dies, even
-    by kill -9, and the next holder overwrites the dead pid.
+    The lock is the filelock package's (flock where there is one, Windows' own lock elsewhere):
+    the OS drops it when the holder dies, even by kill -9. filelock does not say who holds a lock,
+    so the holder writes its pid into a note beside the lock file (`pid_note`) and removes it on
+    release; one left by a killed holder names a dead pid, which is never reported, and the next
+    holder overwrites it.
     """
-    import fcntl
+    from filelock import FileLock, Timeout
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:  # "a+", not "w": a refused process must not erase the pid
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise LockHeld(path, _holder_pid(path)) from None
-        try:
-            fh.truncate(0)
-            fh.write(f"{os.getpid()}\n")
-            fh.flush()
-            yield
-        finally:
-            fh.truncate(0)  # a pid left behind would name a process that no longer holds it
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    lock = FileLock(path, blocking=False)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise LockHeld(path, _holder_pid(pid_note(path))) from None
+    try:
+        write_text(pid_note(path), f"{os.getpid()}\n")
+        yield
+    finally:
+        # a pid left behind would name a process that no longer holds the lock
+        pid_note(path).unlink(missing_ok=True)
+        lock.release()
 
 
-def _holder_pid(path: Path, wait_s: float = 1.0) -> int | None:
-    """The live pid in a held lock file. The holder writes it just after locking, and a holder
+def _holder_pid(note: Path, wait_s: float = 1.0) -> int | None:
+    """The live pid in a held lock's note. The holder writes it just after locking, and a holder
     killed with -9 leaves its pid behind, so wait briefly for a live one."""
     import time
 
     deadline = time.monotonic() + wait_s
     while True:
-        text = path.read_text().strip() if path.exists() else ""
+        text = note.read_text().strip() if note.exists() else ""
         if text.isdigit() and pid_alive(int(text)):
             return int(text)
         if time.monotonic() >= deadline:

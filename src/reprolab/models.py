@@ -163,3 +163,18 @@ def load_checkpoint(path: Any) -> tuple[nn.Module, dict[str, Any]]:
     model = build(blob["spec"])
     model.load_state_dict(blob["state_dict"])
     return model.eval(), blob["spec"]
+
+
+def check_fits(model_shape: Any, data_shape: Any, model_what: str, data_what: str, fix: str
+               ) -> None:
+    """Refuse, in one line, a model whose input (C x H x W) is not the data's: a model of 8x8
+    digits asked about 28x28 images would fail deep inside torch, or answer nonsense."""
+    from reprolab.errors import DataError
+
+    model_shape, data_shape = tuple(model_shape), tuple(data_shape)
+    if model_shape != data_shape:
+        def text(shape: tuple[int, ...]) -> str:
+            return f"{'x'.join(map(str, shape))} ({shape[0]} channel{'s' * (shape[0] != 1)})"
+
+        raise DataError(f"{model_what}: takes {text(model_shape)} images, but {data_what} holds "
+                        f"{text(data_shape)}; {fix}")

@@ -8,9 +8,10 @@ a folder (its images would be copied twice, maybe into two classes), a FIFO, soc
 Hidden entries (.DS_Store, .git) are left out. fetch copies bytes and decodes nothing.
 
 preprocess reads the copy in a fixed order (class folders sorted, files sorted), converts every
-image to the same channel count and size, and writes them into one preallocated uint8 array. An
-image with more than data.max_image_pixels pixels is unreadable: PIL reads its size from the
-header, and it is refused before a pixel is decoded.
+image to the same channel count and size, and writes them into one preallocated uint8 array. As in
+torchvision's ImageFolder, only files with an image extension are read (notes.txt is left out,
+and listed in the preprocess report). An image with more than data.max_image_pixels pixels is
+unreadable: PIL reads its size from the header, and it is refused before a pixel is decoded.
 """
 
 from __future__ import annotations
@@ -177,29 +178,63 @@ def to_pixels(image, channels: int, height: int, width: int) -> np.ndarray:
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
 
-def list_files(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
-    """-> ([(file, class index)], class names): sorted; hidden files and folders left out (the
-    manifest does not list them either, so they are never read)."""
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+def image_extensions() -> tuple[str, ...]:
+    """What counts as an image file: torchvision's IMG_EXTENSIONS (what its ImageFolder reads)
+    and GIF, which PIL reads and reprolab always read. torchvision takes seconds to import, so
+    only listing a folder imports it."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    return (*IMG_EXTENSIONS, ".gif")
+
+
+def is_image_name(name: str) -> bool:
+    from torchvision.datasets.folder import has_file_allowed_extension
+
+    return has_file_allowed_extension(name, image_extensions())
+
+
+def class_names(root: Path) -> list[str]:
+    """torchvision's find_classes (subfolders, sorted), less hidden ones: the manifest does not
+    list what they hold, so they are never read."""
+    from torchvision.datasets.folder import find_classes
+
+    try:
+        found, _ = find_classes(root)
+    except FileNotFoundError:  # no subfolder at all
+        found = []
+    classes = [name for name in found if not name.startswith(".")]
     if len(classes) < 2:
         raise DataError(f"{root}: expected one subfolder per class, found {len(classes)}")
-    files = [
-        (path, index)
-        for index, name in enumerate(classes)
-        for path in sorted((root / name).rglob("*"))
-        if path.is_file() and not any(p.startswith(".") for p in path.relative_to(root).parts)
-    ]
-    return files, classes
+    return classes
+
+
+def list_files(root: Path) -> tuple[list[tuple[Path, int]], list[str], list[str]]:
+    """-> ([(image file, class index)], class names, files left out for their extension):
+    sorted; hidden files and folders left out (the manifest does not list them either)."""
+    classes = class_names(root)
+    files, ignored = [], []
+    for index, name in enumerate(classes):
+        for path in sorted((root / name).rglob("*")):
+            if not path.is_file() or any(p.startswith(".") for p in path.relative_to(root).parts):
+                continue
+            if is_image_name(path.name):
+                files.append((path, index))
+            else:
+                ignored.append(path.relative_to(root).as_posix())
+    if ignored:
+        log.info("not image files (by extension), left out: %s", ", ".join(ignored))
+    return files, classes, ignored
 
 
 def read(
     root: Path, channels: int | None, image_size: int | None, skip_bad: bool,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
-    """-> (uint8 images N x C x H x W, int64 labels, class names, skipped files)."""
+) -> tuple[np.ndarray, np.ndarray, list[str], list[str], list[str]]:
+    """-> (uint8 images N x C x H x W, int64 labels, class names, skipped files, files that are
+    not images by their extension)."""
     from PIL import Image, UnidentifiedImageError
 
-    files, classes = list_files(root)
+    files, classes, ignored = list_files(root)
     skipped: list[str] = []
 
     def bad(path: Path, why: str) -> None:
@@ -248,4 +283,4 @@ def read(
             continue
         labels[kept] = label
         kept += 1
-    return images[:kept], labels[:kept], classes, skipped
+    return images[:kept], labels[:kept], classes, skipped, ignored

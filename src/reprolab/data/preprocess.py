@@ -136,19 +136,20 @@ def fetch_skipped(manifest: dict[str, Any], raw_dir: Path, skip_bad: bool) -> li
 
 
 def read_raw(cfg: Config, raw_dir: Path):
-    """-> (images, labels, official test images or None, their labels, classes, skipped)."""
+    """-> (images, labels, official test images or None, their labels, classes, skipped,
+    files left out for not being images by their extension)."""
     dataset = cfg.data.dataset
     if dataset == "digits":
         images, labels, classes = digits.read(raw_dir)
-        return images, labels, None, None, classes, []
+        return images, labels, None, None, classes, [], []
     if dataset == "imagefolder":
-        images, labels, classes, skipped = imagefolder.read(
+        images, labels, classes, skipped, ignored = imagefolder.read(
             raw_dir, cfg.data.channels, cfg.data.image_size, cfg.data.skip_bad_images,
             cfg.data.max_image_pixels,
         )
-        return images, labels, None, None, classes, skipped
+        return images, labels, None, None, classes, skipped, ignored
     images, labels, test_x, test_y, classes = torchvision_sets.read(dataset, raw_dir)
-    return images, labels, test_x, test_y, classes, []
+    return images, labels, test_x, test_y, classes, [], []
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -163,7 +164,7 @@ def run(cfg: Config) -> dict[str, Any]:
             f"{raw_dir / MANIFEST}: holds dataset {dataset!r}, params say {cfg.data.dataset!r}"
         )
     left_out = fetch_skipped(manifest, raw_dir, cfg.data.skip_bad_images)
-    images, labels, test_x, test_y, classes, skipped = read_raw(cfg, raw_dir)
+    images, labels, test_x, test_y, classes, skipped, ignored = read_raw(cfg, raw_dir)
     skipped = sorted({*left_out, *skipped})
     official = test_x is not None
     index = stratified_split(labels, cfg.data.val_fraction,
@@ -197,7 +198,8 @@ def run(cfg: Config) -> dict[str, Any]:
             meta.setdefault("split_sha256", {})[name] = sha256_file(tmp / f"{name}.pt")
         write_json(tmp / META, meta)
     write_json(cfg.report_dir("preprocess") / REPORT_FILE,
-               {"sizes": sizes, "skipped_files": skipped, "official_test_split": official})
+               {"sizes": sizes, "skipped_files": skipped, "not_image_files": ignored,
+                "official_test_split": official})
     log.info("preprocess: %s -> %s", meta["sizes"], cfg.processed_dir)
     return meta
 
