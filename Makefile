@@ -22,7 +22,8 @@ $(STAMP):
 run: setup
 	dvc repro
 
-# After changing a stage's code or params: refresh dvc.lock (commit it with the change).
+# After changing a stage's code or params: refresh dvc.lock, and commit it with the change and
+# with the metrics and plot data that git keeps (`git add dvc.lock reports/`).
 lock: setup
 	dvc repro
 	@dvc status --quiet || { dvc status; echo "dvc.lock: stages still out of date" >&2; exit 1; }
@@ -35,11 +36,16 @@ test: setup
 bench: setup
 	python benchmarks/run.py
 
+# MLflow 3's UI starts in its GenAI view (traces): say how to reach the runs.
 ui: setup
+	@echo "MLflow UI: http://127.0.0.1:5000 (click 'Model training' at the top left once:" \
+	      "experiments then open on their runs)"
 	mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db"
 
 lint: setup
 	ruff check src tests benchmarks
 
+# reports/: only what git ignores; the committed metrics and plot data stay (the baseline)
 clean:
-	rm -rf data/raw data/processed models reports
+	rm -rf data/raw data/processed models
+	git clean -q -fdX -- reports

@@ -4,6 +4,8 @@ Many workers, storages and faults: tests/test_study.py."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -149,3 +151,88 @@ def test_invalid_space_from_the_command_line_touches_no_storage(tmp_path):
     (line,) = proc.stderr.strip().splitlines()
     assert "tune.optimizers" in line and "lion" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+# ---- what Optuna's and MLflow's own tools show of a study ----
+
+
+def test_the_study_names_its_objective_and_says_where_its_trials_come_from(project, caplog):
+    from reprolab.data import load_meta
+    from reprolab.io import read_json
+    from reprolab.study import RUN
+
+    cfg = project("tracking.experiment=tune-conventions", "tune.n_trials=6", "tune.epochs=2",
+                  "tune.sampler=random", "tune.pruner=median")
+    summary = tune.run(cfg)
+    study = _study(cfg)
+    # optuna-dashboard shows "val/accuracy", not "Objective 0"
+    assert study.metric_names == ["val/accuracy"]
+    meta = load_meta(cfg.processed_dir)
+    attrs = study.user_attrs
+    assert attrs["dataset"] == "digits"
+    assert attrs["params_hash"] == tune.study_fingerprint(cfg, meta)
+    assert study.study_name.endswith(attrs["params_hash"][:10])
+    assert attrs["model"]["name"] == cfg.model.name
+    assert attrs["search_space"]["lr"] == {"low": cfg.tune.lr_low, "high": cfg.tune.lr_high,
+                                           "log": True}
+    assert attrs["search_space"]["optimizer"] == list(cfg.tune.optimizers)
+
+    # each trial's MLflow run id, under the key Optuna's MLflow integration uses
+    runs = {r.info.run_id: r for r in _children("tune-conventions")}
+    trials = study.get_trials(deepcopy=False)
+    assert {t.user_attrs[RUN] for t in trials} == set(runs)
+    for trial in trials:
+        run = runs[trial.user_attrs[RUN]]
+        assert run.data.tags["optuna.trial"] == str(trial.number)
+        assert run.data.tags["optuna.state"] == trial.state.name
+        # the runs table tells a pruned trial from a complete one by its name
+        assert run.info.run_name.endswith("-pruned") == (trial.state.name == "PRUNED")
+
+    # one line per finished trial: number, state, value, params
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("tune: trial ")]
+    assert len(lines) == len(trials) == 6
+    for trial, line in zip(trials, lines, strict=True):
+        assert line.startswith(f"tune: trial {trial.number} {trial.state.name}  val/accuracy ")
+        assert f"optimizer={trial.params['optimizer']}" in line
+        assert f"lr={trial.params['lr']:.4g}" in line
+        if trial.state.name == "COMPLETE":
+            assert f"val/accuracy {trial.value:.4f}" in line
+        else:  # pruned: the last value it reported
+            step = max(trial.intermediate_values)
+            assert f"val/accuracy at epoch {step} {trial.intermediate_values[step]:.4f}" in line
+
+    # the DVC metrics file holds numbers only; the study's name beside it
+    assert all(isinstance(v, int | float) for v in summary.values())
+    assert read_json(cfg.report_dir("tune") / "summary.json") == summary
+    assert read_json(cfg.report_dir("tune") / tune.STUDY_FILE) == {
+        "study": study.study_name, "objective": "val/accuracy", "direction": "maximize",
+        "best_trial": study.best_trial.number}
+
+
+def test_under_mlflow_run_the_stage_nests_its_runs_in_the_project_run(project, monkeypatch,
+                                                                      tmp_path):
+    """`mlflow run` hands its project run to the command in MLFLOW_RUN_ID: tune's parent run
+    nests under it, in its experiment (also the trials of a spawned worker), and no stage
+    writes into the project run itself."""
+    from reprolab import tracking
+
+    client = MlflowClient()
+    experiment = client.create_experiment("project-run-experiment",
+                                          artifact_location=(tmp_path / "artifacts").as_uri())
+    project_run = client.create_run(experiment, tags={"mlflow.project.entryPoint": "main"})
+    monkeypatch.setattr(tracking, "_project_run", None)  # restored after the test
+    monkeypatch.setenv("MLFLOW_RUN_ID", project_run.info.run_id)
+    cfg = project("tracking.experiment=tune-not-this-one", "tune.n_trials=3", "tune.epochs=1",
+                  "tune.workers=2", "tune.pruner=none", "train.batch_size=16")
+    tune.run(cfg)
+    assert "MLFLOW_RUN_ID" not in os.environ  # spawned workers do not inherit it
+
+    runs = client.search_runs([experiment])
+    (parent,) = [r for r in runs
+                 if r.data.tags.get("mlflow.parentRunId") == project_run.info.run_id]
+    assert "optuna.study" in parent.data.tags
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(trials) == 3
+    assert len({r.data.tags["optuna.worker"] for r in trials}) == 2  # one in a spawned worker
+    assert client.get_run(project_run.info.run_id).data.params == {}
+    assert client.get_experiment_by_name("tune-not-this-one") is None

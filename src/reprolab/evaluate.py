@@ -100,28 +100,37 @@ def write_misclassified_png(
     path: Any, images: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, classes: list[str],
     limit: int = 36,
 ) -> int:
-    """A grid of misclassified test images titled `true -> predicted`; -> how many shown."""
+    """A grid of misclassified test images titled `true -> predicted`; -> how many shown.
+
+    The tiles form one image on one axes: 36 axes of their own, laid out by tight_layout, took
+    about a second of the stage (benchmarks/bench_startup.py)."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     wrong = np.flatnonzero(y_true != y_pred)[:limit]
     cols = max(1, min(6, len(wrong)))
     rows = max(1, -(-len(wrong) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, wrong, strict=False):
-        image = images[i].transpose(1, 2, 0)  # C x H x W -> H x W x C
-        ax.imshow(image[..., 0] if image.shape[2] == 1 else image, cmap="gray", vmin=0, vmax=255)
-        ax.set_title(f"{classes[y_true[i]]} -> {classes[y_pred[i]]}", fontsize=8)
+    channels, h, w = images.shape[1:]
+    top, gap = max(2, -(-h // 4)), max(1, -(-w // 8))  # a band for each title, a gap between
+    grid = np.full((rows * (top + h), cols * (w + gap), channels), 255, dtype=np.uint8)
+    width = 1.6 * cols if len(wrong) else 3.2  # inches; the height keeps each tile's aspect
+    fig = Figure(figsize=(width, width * grid.shape[0] / grid.shape[1]))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.axis("off")
+    for n, i in enumerate(wrong):
+        y, x = (n // cols) * (top + h) + top, (n % cols) * (w + gap) + gap // 2
+        grid[y : y + h, x : x + w] = images[i].transpose(1, 2, 0)  # C x H x W -> H x W x C
+        ax.text(x + w / 2, y - 0.5, f"{classes[y_true[i]]} -> {classes[y_pred[i]]}",
+                fontsize=8, ha="center", va="bottom")
+    ax.imshow(grid[..., 0] if channels == 1 else grid, cmap="gray", vmin=0, vmax=255,
+              interpolation="nearest")
     if not len(wrong):
-        axes.flat[0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
-    fig.tight_layout()
+        ax.text(0.5, 0.5, "no misclassified images", ha="center", va="center",
+                transform=ax.transAxes)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
     return len(wrong)
 
 
@@ -129,11 +138,14 @@ def run(cfg: Config) -> dict[str, float]:
     from reprolab import tracking
     from reprolab.data import load_meta, load_split
     from reprolab.engine import predict_proba
-    from reprolab.models import load_checkpoint
+    from reprolab.models import check_fits, load_checkpoint
 
     meta = load_meta(cfg.processed_dir)
     test = load_split(cfg.processed_dir, "test")
-    model, _ = load_checkpoint(cfg.model_file)  # refuses a missing model with one line
+    model, spec = load_checkpoint(cfg.model_file)  # refuses a missing model with one line
+    check_fits(spec["shape"], test.x.shape[1:], str(cfg.model_file),
+               f"the {meta['dataset']} test split", "train on this data first: `reprolab train` "
+               "(or `dvc repro`)")
     model_hash = sha256_file(cfg.model_file)
     tracking.configure(cfg)
     run_info = tracking.training_run_for(cfg.model_file, model_hash, cfg.tracking.experiment)
@@ -154,9 +166,11 @@ def run(cfg: Config) -> dict[str, float]:
     write_misclassified_png(out / MISCLASSIFIED_PNG, test.x.numpy(), y_true, y_pred, classes)
 
     # Throughput is logged, not put in metrics.json: it is noise in `dvc metrics diff`.
-    tracking.log_to_run(
-        run_info["run_id"],
+    tracking.log_evaluation(
+        run_info["run_id"], run_info["model_uri"],
         {**{f"test/{k}": v for k, v in metrics.items()}, "test/images_per_second": throughput},
+        (test.x.numpy(), y_true, f"{meta['dataset']}-test", cfg.paths.processed,
+         meta["split_sha256"]["test"]),
         [cfg.metrics_file, *(out / name for name in (PER_CLASS_FILE, CONFUSION_PNG,
                                                      MISCLASSIFIED_PNG))],
         artifact_path="evaluate",

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 FINISHED = ("COMPLETE", "PRUNED")
 # trial user attributes
 WORKER = "worker"  # host:pid of the process running the trial
-RUN = "reprolab.mlflow_run"  # the trial's MLflow run
+RUN = "mlflow_run_id"  # the trial's MLflow run (the key Optuna's MLflow integration uses)
 WORKER_RUN = "reprolab.worker_run"  # the MLflow parent run its process owns (not a spawned one)
 SURPLUS = "reprolab.surplus"  # started after the budget was taken; never ran
 
@@ -135,6 +135,16 @@ def open_study(storage: Any, name: str, pruner: Any) -> Any:
 
     return optuna.create_study(study_name=name, storage=storage, direction="maximize",
                                pruner=pruner, load_if_exists=True)
+
+
+def describe_study(study: Any, objective: str, attributes: dict[str, Any]) -> None:
+    """Name the objective and record where the study's trials come from, for optuna-dashboard
+    and `optuna` CLI users; written once, by whichever worker opens the study first."""
+    if study.metric_names != [objective]:
+        study.set_metric_names([objective])
+    for key, value in attributes.items():
+        if key not in study.user_attrs:
+            study.set_user_attr(key, value)
 
 
 def worker_seed(study: Any, seed: int, worker_index: int) -> int:
@@ -330,7 +340,7 @@ def run_trial(study: Any, storage: Any, objective: Callable[[Any], float], n_tri
         trial.set_user_attr(SURPLUS, True)
         study.tell(trial, state=TrialState.FAIL)
         return
-    value, state = None, TrialState.COMPLETE
+    value, state, reason = None, TrialState.COMPLETE, None
     try:
         for key, attr in claim.items():
             trial.set_user_attr(key, attr)
@@ -340,8 +350,7 @@ def run_trial(study: Any, storage: Any, objective: Callable[[Any], float], n_tri
             except optuna.TrialPruned:
                 value, state = None, TrialState.PRUNED
             except catch as exc:
-                log.warning("tune: trial %d failed: %s", trial.number, exc)
-                value, state = None, TrialState.FAIL
+                value, state, reason = None, TrialState.FAIL, str(exc)
     except UpdateFinishedTrialError:
         pass  # it was failed under us: see below
     except BaseException:  # Ctrl-C, SIGTERM, a bug: the trial must not stay RUNNING
@@ -352,8 +361,23 @@ def run_trial(study: Any, storage: Any, objective: Callable[[Any], float], n_tri
                     "heartbeat grace period); going on with new trials", trial.number)
         return
     study.tell(trial, value, state=state, skip_if_finished=True)
-    if state == TrialState.COMPLETE:
-        log.info("tune: trial %d finished: %.4f with %s", trial.number, value, trial.params)
+    report_trial(study, trial.number, state.name, value, reason)
+
+
+def report_trial(study: Any, number: int, state: str, value: float | None,
+                 reason: str | None = None) -> None:
+    """One line per finished trial (number, state, value, params): what a log without a
+    progress bar (DVC's queue, CI, `mlflow run`) shows of the search."""
+    frozen = study.get_trials(deepcopy=False)[number]
+    name = (study.metric_names or ["value"])[0]
+    if state == "PRUNED" and frozen.intermediate_values:  # the last value it reported
+        step = max(frozen.intermediate_values)
+        value, name = frozen.intermediate_values[step], f"{name} at epoch {step}"
+    shown = f"{name} {value:.4f}" if value is not None else f"({reason})"
+    params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                      for k, v in frozen.params.items())
+    level = logging.WARNING if state == "FAIL" else logging.INFO
+    log.log(level, "tune: trial %d %s  %s  %s", number, state, shown, params)
 
 
 # ---- the budget ----

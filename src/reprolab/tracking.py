@@ -26,10 +26,38 @@ MODEL_HASH_TAG = "model.sha256"
 MODEL_URI_TAG = "reprolab.model_uri"
 
 
-def configure(cfg: Config) -> str:
-    """Point MLflow at the configured store and experiment; -> the experiment id."""
-    uri = cfg.mlflow_uri
-    mlflow.set_tracking_uri(uri)
+# The experiment tag by which MLflow's UI opens an experiment on its runs (training) rather than
+# on traces (GenAI); MLflow sets it itself only for experiments its GenAI features create.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+PARENT_TAG = "mlflow.parentRunId"
+# The run `mlflow run` created for the project, when it launched this command (see configure).
+_project_run: str | None = None
+
+
+def configure(cfg: Config, parent_run: str | None = None) -> str:
+    """Point MLflow at the configured store and experiment; -> the experiment id.
+
+    Under `mlflow run`, the experiment is the project run's (`--experiment-name`), and each stage
+    nests its own runs under the project run: MLflow hands that run to the command in
+    MLFLOW_RUN_ID, and mlflow.start_run() would otherwise resume it in every stage, so that tune,
+    its trials and train would all log into one run (and clash on their params).
+    `parent_run`: the run whose experiment a spawned tuning worker logs its trials into.
+    """
+    global _project_run
+    mlflow.set_tracking_uri(cfg.mlflow_uri)
+    _project_run = os.environ.pop("MLFLOW_RUN_ID", None) or _project_run
+    if parent_run or _project_run:
+        experiment_id = MlflowClient().get_run(parent_run or _project_run).info.experiment_id
+    else:
+        experiment_id = _experiment_named(cfg)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    experiment = MlflowClient().get_experiment(experiment_id)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        MlflowClient().set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment_id
+
+
+def _experiment_named(cfg: Config) -> str:
     name = cfg.tracking.experiment
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
@@ -41,29 +69,43 @@ def configure(cfg: Config) -> str:
             if mlflow.get_experiment_by_name(name) is None:
                 raise  # not another process creating it first: the store refused
         experiment = mlflow.get_experiment_by_name(name)
-    mlflow.set_experiment(experiment_id=experiment.experiment_id)
     return experiment.experiment_id
 
 
-def git_state(cwd: Path) -> dict[str, str]:
-    def git(*args: str) -> str:
-        out = subprocess.run(
-            ["git", *args], cwd=cwd, capture_output=True, text=True, check=False
-        )
-        return out.stdout.strip() if out.returncode == 0 else ""
+def git_state(cwd: Path, outputs: tuple[str, ...] = ()) -> dict[str, str]:
+    """The code a run came from: MLflow's own source tags (commit, branch, remote URL without
+    credentials; the UI links the commit), and `git.commit` and `git.dirty`, which registry
+    versions carry too. `outputs`: DVC outputs that git tracks (the metrics and plot data under
+    paths.reports), which do not make the tree dirty."""
+    from mlflow.utils import git_utils
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_BRANCH, MLFLOW_GIT_COMMIT, MLFLOW_GIT_REPO_URL
 
-    commit = git("rev-parse", "HEAD")
+    commit = git_utils.get_git_commit(str(cwd))
     if not commit:
         return {"git.commit": "none", "git.dirty": "unknown"}
-    # DVC rewrites dvc.lock (and .dvc files) between the stages it runs: that is not a change
-    # to the code or params the run came from.
-    # params.yaml neither: `dvc exp run -S` edits it, and the run records the resolved config
-    # (params_hash, config.yaml), which is what `reprolab verify` rebuilds with.
-    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                  ":(exclude)dvc.lock", ":(exclude)*.dvc", ":(exclude)params.yaml")
-    # MLflow's own tag too, which its UI links to the commit
-    return {"git.commit": commit, "git.dirty": str(bool(changed)).lower(),
-            "mlflow.source.git.commit": commit}
+    dirty = _dirty(cwd, outputs)
+    tags = {"git.commit": commit, "git.dirty": str(dirty).lower(), MLFLOW_GIT_COMMIT: commit}
+    # a detached HEAD (verify's worktree) has no branch; a repository without remote no URL
+    for key, value in ((MLFLOW_GIT_BRANCH, git_utils.get_git_branch(str(cwd))),
+                       (MLFLOW_GIT_REPO_URL, git_utils.get_git_repo_url(str(cwd)))):
+        if value:
+            tags[key] = value
+    return tags
+
+
+def _dirty(cwd: Path, outputs: tuple[str, ...]) -> bool:
+    """Changes to tracked files, except those DVC makes. MLflow's own dirty check (GitPython's
+    is_dirty) would count them: DVC rewrites dvc.lock (and .dvc files) and the outputs that git
+    tracks between the stages it runs, which is not a change to the code or params the run came
+    from; `dvc exp run -S` edits params.yaml, and the run records the resolved config
+    (params_hash, config.yaml), which is what `reprolab verify` rebuilds with."""
+    excluded = ("dvc.lock", "*.dvc", "params.yaml", *outputs)
+    out = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+         *(f":(exclude){path}" for path in excluded)],
+        cwd=cwd, capture_output=True, text=True, check=False,
+    )
+    return out.returncode == 0 and bool(out.stdout.strip())
 
 
 def lineage_tags(cfg: Config, meta: dict[str, Any]) -> dict[str, str]:
@@ -74,7 +116,7 @@ def lineage_tags(cfg: Config, meta: dict[str, Any]) -> dict[str, str]:
     from reprolab.io import sha256_file
 
     tags = {
-        **git_state(cfg.base_dir),
+        **git_state(cfg.base_dir, (cfg.paths.reports,)),
         "params_hash": cfg.params_hash,
         "data.manifest_sha256": meta["manifest_sha256"],
         "data.processed_sha256": processed_digest(meta),
@@ -103,6 +145,9 @@ def start_run(
 
     Nothing is left RUNNING (short of kill -9, after which `reprolab train` resumes the run).
     """
+    tags = dict(tags or {})
+    if run_id is None and not nested and PARENT_TAG not in tags and _project_run:
+        tags[PARENT_TAG] = _project_run  # a stage under `mlflow run`: see configure
     run = mlflow.start_run(run_id=run_id, run_name=run_name, tags=tags, nested=nested)
     status = "FINISHED"
     try:
@@ -193,16 +238,41 @@ def log_artifact(path: Path, artifact_path: str | None = None) -> None:
     mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
-def log_dataset(features: Any, targets: Any, name: str, source: str, digest: str) -> None:
-    """The training split as the run's input: `source` is repository-relative, `digest` the
-    processed data's hash, so two clones log the same dataset."""
+def _dataset(features: Any, targets: Any, name: str, source: str, digest: str) -> Any:
     with warnings.catch_warnings():
         # MLflow registers its local-path source twice and warns that the path is ambiguous.
         warnings.filterwarnings("ignore", message="The specified dataset source")
-        dataset = mlflow.data.from_numpy(
+        return mlflow.data.from_numpy(
             features, targets=targets, source=str(source), name=name, digest=digest[:16]
         )
-    mlflow.log_input(dataset, context="training")
+
+
+def log_dataset(features: Any, targets: Any, name: str, source: str, digest: str,
+                context: str = "training") -> None:
+    """A split as the active run's input, with MLflow's dataset context (`training`,
+    `validation`): `source` is repository-relative and `digest` the split's sha256, so two clones
+    log the same dataset."""
+    mlflow.log_input(_dataset(features, targets, name, source, digest), context=context)
+
+
+def log_evaluation(run_id: str, model_uri: str, metrics: dict[str, float],
+                   test: tuple[Any, Any, str, str, str], artifacts: list[Path],
+                   artifact_path: str) -> None:
+    """Add the test results to the finished training run: the test split as its input (context
+    `evaluation`), the metrics linked to the logged model and to that dataset, so that the
+    model's page lists them, and the artifacts. `test` is (features, targets, name, source,
+    digest) as for log_dataset."""
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    client, dataset = MlflowClient(), _dataset(*test)
+    context = InputTag(key=MLFLOW_DATASET_CONTEXT, value="evaluation")
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), [context])])
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+    mlflow.log_metrics(metrics, run_id=run_id, model_id=model_id, dataset=dataset,
+                       synchronous=True)
+    for path in artifacts:
+        client.log_artifact(run_id, str(path), artifact_path=artifact_path)
 
 
 def log_model(model: Any, input_example: Any, classes: list[str]) -> str:
@@ -268,17 +338,6 @@ def load_classifier(
     return model, shape, classes
 
 
-def log_to_run(
-    run_id: str, metrics: dict[str, float], artifacts: list[Path], artifact_path: str
-) -> None:
-    """Add results to a finished run (evaluate adds test/* to the training run)."""
-    client = MlflowClient()
-    for key, value in metrics.items():
-        client.log_metric(run_id, key, value)
-    for path in artifacts:
-        client.log_artifact(run_id, str(path), artifact_path=artifact_path)
-
-
 def run_metrics(run_id: str) -> dict[str, float]:
     return MlflowClient().get_run(run_id).data.metrics
 
@@ -319,8 +378,8 @@ def model_versions(name: str) -> list[dict[str, Any]]:
     while True:
         page = client.search_model_versions(f"name = '{name}'", max_results=1000,
                                             page_token=token)
-        out += [{"version": str(v.version), "run_id": v.run_id, "tags": dict(v.tags)}
-                for v in page]
+        out += [{"version": str(v.version), "run_id": v.run_id, "tags": dict(v.tags),
+                 "description": v.description or ""} for v in page]
         token = page.token
         if not token:
             return sorted(out, key=lambda v: int(v["version"]))
@@ -432,3 +491,88 @@ def logged_model_uri(run_id: str) -> str | None:
         if model.status != LoggedModelStatus.READY:
             client.delete_logged_model(model.model_id)
     return ready[0].model_uri if ready else None
+
+
+# ---- registry (register, promote, predict) ----
+
+
+def set_registered_model_tags(name: str, tags: dict[str, str]) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_registered_model_tag(name, key, value)
+
+
+def set_version_tag(name: str, version: str, key: str, value: str) -> None:
+    MlflowClient().set_model_version_tag(name, version, key, value)
+
+
+def set_description(name: str, version: str, text: str) -> bool:
+    """-> False when the version is gone (another process deleted its duplicate meanwhile)."""
+    try:
+        MlflowClient().update_model_version(name, version, description=text)
+    except MlflowException:
+        if any(v["version"] == version for v in model_versions(name)):
+            raise
+        return False
+    return True
+
+
+def model_input_shape(model_uri: str) -> tuple[int, ...]:
+    """C x H x W that a logged model takes, from its signature (reads MLmodel only)."""
+    info = mlflow.models.get_model_info(model_uri)
+    return tuple(int(n) for n in info.signature.inputs.inputs[0].shape[1:])
+
+
+def run_record(run_id: str) -> dict[str, Any] | None:
+    """-> {status, tags, metrics} of a run in this store, or None when it is not there."""
+    try:
+        run = MlflowClient().get_run(run_id)
+    except MlflowException:
+        return None
+    return {"status": run.info.status, "tags": dict(run.data.tags),
+            "metrics": dict(run.data.metrics)}
+
+
+
+def registered_model_tags(name: str) -> dict[str, str]:
+    from reprolab.errors import DataError
+
+    try:
+        return dict(MlflowClient().get_registered_model(name).tags)
+    except MlflowException as exc:
+        raise DataError(f"registered model {name!r}: {str(exc).splitlines()[0]}") from None
+
+
+def use_store(cfg: Config | None) -> None:
+    """The project's store, or without a project (no params.yaml) the one MLFLOW_TRACKING_URI
+    names: never MLflow's default, which would create an empty store in the current folder."""
+    from reprolab.errors import ConfigError
+
+    if cfg is not None:
+        configure(cfg)
+    elif os.environ.get("MLFLOW_TRACKING_URI"):
+        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    else:
+        raise ConfigError(
+            "no params.yaml here to find the project's MLflow store: run in the project, pass "
+            "--params PATH, or set MLFLOW_TRACKING_URI (e.g. sqlite:////path/to/mlflow.db)"
+        )
+
+
+# ---- training's metrics, off the path of every epoch ----
+
+
+def log_epochs(rows: list[dict[str, float]]) -> None:
+    """Several epochs' metrics in one call to the active run, each at its row's `epoch` as the
+    step (rows may hold only some metrics). Training calls it at its checkpoints: one call per
+    checkpoint instead of one synchronous call per epoch, and no logging thread (MLflow's
+    asynchronous logging adds up to a second to the end of every run, waiting on its queue)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(key, float(value), now, int(row["epoch"]))
+               for row in rows for key, value in row.items() if key != "epoch"]
+    if metrics:
+        MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=metrics)

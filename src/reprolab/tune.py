@@ -23,7 +23,7 @@ from typing import Any
 
 from reprolab.config import Config
 from reprolab.errors import ReprolabError
-from reprolab.io import write_json, write_yaml
+from reprolab.io import read_json, write_json, write_yaml
 from reprolab.study import (
     RUN,
     WORKER,
@@ -32,6 +32,7 @@ from reprolab.study import (
     await_running_trials,
     count,
     dead_workers,
+    describe_study,
     exit_with_parent,
     grid_sampler,
     interrupt_on_sigterm,
@@ -46,7 +47,8 @@ from reprolab.study import (
 
 log = logging.getLogger(__name__)
 
-SUMMARY_FILE = "summary.json"
+SUMMARY_FILE = "summary.json"  # numbers only: a DVC metrics file
+STUDY_FILE = "study.json"  # which study and trial they come from
 OBJECTIVE = "val/accuracy"
 # train knobs that trials do not use or that do not change their results
 NOT_IN_TRIALS = {"optimizer", "lr", "epochs", "use_tuned", "device", "compile"}
@@ -57,6 +59,12 @@ def study_name(cfg: Config, meta: dict[str, Any]) -> str:
 
     A changed dataset, split, model or search space starts a new study instead of mixing in.
     """
+    return f"{cfg.tune.study}-{study_fingerprint(cfg, meta)[:10]}"
+
+
+def study_fingerprint(cfg: Config, meta: dict[str, Any]) -> str:
+    """sha256 of what makes two trials comparable: data, split, model, search space and the
+    train knobs that trials use."""
     identity = {
         "data": meta["manifest_sha256"],
         "split": cfg.data.model_dump(mode="json"),
@@ -69,8 +77,28 @@ def study_name(cfg: Config, meta: dict[str, Any]) -> str:
         ),
         "train": cfg.train.model_dump(mode="json", exclude=NOT_IN_TRIALS),
     }
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-    return f"{cfg.tune.study}-{digest[:10]}"
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def study_attributes(cfg: Config, meta: dict[str, Any]) -> dict[str, Any]:
+    """What optuna-dashboard shows about a study (user attributes): where its trials come from."""
+    t = cfg.tune
+    space: dict[str, Any] = {"lr": {"low": t.lr_low, "high": t.lr_high, "log": True},
+                             "optimizer": list(t.optimizers)}
+    for key, value in (("weight_decay", t.weight_decay), ("momentum", t.momentum),
+                       ("batch_size", t.batch_sizes)):
+        if value:
+            space[key] = list(value)
+    return {
+        "dataset": meta["dataset"],
+        "data.manifest_sha256": meta["manifest_sha256"],
+        "model": cfg.model.model_dump(mode="json"),
+        "search_space": space,
+        "epochs_per_trial": t.epochs,
+        "sampler": t.sampler,
+        "pruner": t.pruner,
+        "params_hash": study_fingerprint(cfg, meta),
+    }
 
 
 def make_sampler(cfg: Config, seed: int) -> Any:
@@ -153,10 +181,11 @@ def log_study_plots(study: Any) -> None:
 
 
 def make_objective(cfg: Config, meta: dict[str, Any], splits: tuple[Any, Any], device: Any,
-                   parent_run_id: str | None) -> Callable[[Any], float]:
+                   parent_run_id: str | None, run_tags: dict[str, str]
+                   ) -> Callable[[Any], float]:
     """One trial: the model trained for tune.epochs at the trial's point, logged as one MLflow
-    run; -> its last val/accuracy. Raises TrialPruned, or TrainingDiverged (the trial fails and
-    the study goes on)."""
+    run (with `run_tags`: git and source); -> its last val/accuracy. Raises TrialPruned, or
+    TrainingDiverged (the trial fails and the study goes on)."""
     import optuna
 
     from reprolab import tracking
@@ -177,7 +206,7 @@ def make_objective(cfg: Config, meta: dict[str, Any], splits: tuple[Any, Any], d
                           device)
         pruned = False
         run_name = f"trial-{trial.number}-{params['optimizer']}-lr{short_lr(params['lr'])}"
-        tags = {"optuna.trial": str(trial.number), "optuna.worker": worker_id()}
+        tags = {**run_tags, "optuna.trial": str(trial.number), "optuna.worker": worker_id()}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         with tracking.start_run(run_name, tags, nested=parent_run_id is None) as run_id:
@@ -198,8 +227,11 @@ def make_objective(cfg: Config, meta: dict[str, Any], splits: tuple[Any, Any], d
             try:
                 result = fit(model, train_split, val_split, hyper, on_epoch=on_epoch)
             except optuna.TrialPruned:
-                pruned = True  # the run itself ends FINISHED
-                tracking.set_tags({"optuna.state": "PRUNED"})
+                # the run ends FINISHED (its epochs are valid), named so that the runs table
+                # tells it from a complete trial
+                pruned = True
+                tracking.set_tags({"optuna.state": "PRUNED",
+                                   "mlflow.runName": f"{run_name}-pruned"})
             else:
                 tracking.set_tags({"optuna.state": "COMPLETE"})
         if pruned:
@@ -276,12 +308,16 @@ def _run(cfg: Config, progress: bool, worker_index: int, parent_run_id: str | No
     device = share_machine(select_device(cfg.train.device), worker_index, n_local)
     meta, train_split, val_split = load_training_data(cfg.processed_dir, device)
     name = study_name(cfg, meta)
-    tracking.configure(cfg)
+    tracking.configure(cfg, parent_run=parent_run_id)
     # opened here, before any worker process races to create it
     storage = open_storage(cfg.tune.storage, cfg.optuna_journal, cfg.tune.heartbeat_s)
     study = open_study(storage, name, make_pruner(cfg))
+    describe_study(study, OBJECTIVE, study_attributes(cfg, meta))
     study.sampler = make_sampler(cfg, worker_seed(study, cfg.seed, worker_index))
-    objective = make_objective(cfg, meta, (train_split, val_split), device, parent_run_id)
+    run_tags = {**tracking.git_state(cfg.base_dir, (cfg.paths.reports,)),
+                **tracking.source_tags("tune")}
+    objective = make_objective(cfg, meta, (train_split, val_split), device, parent_run_id,
+                               run_tags)
     budget = Budget(cfg.tune.n_trials, cfg.tune.failure_limit, cfg.tune.timeout_s)
 
     def work(claim: dict[str, str], owner: bool) -> str:
@@ -297,7 +333,8 @@ def _run(cfg: Config, progress: bool, worker_index: int, parent_run_id: str | No
     if count(study).finished >= cfg.tune.n_trials:
         n_local = 1  # nothing left to run: start no worker process
     with tracking.start_run(f"tune-{name}" + ("-worker" if join else ""),
-                            {"optuna.study": name, "optuna.worker": worker_id()}) as parent:
+                            {**run_tags, "optuna.study": name, "optuna.worker": worker_id()}
+                            ) as parent:
         tracking.log_params({**cfg.flat(), "tune.study_name": name})
         level = logging.getLogger().getEffectiveLevel()
         args = [(cfg.as_dict(), str(cfg.base_dir), i, parent, level)
@@ -321,10 +358,13 @@ def _run(cfg: Config, progress: bool, worker_index: int, parent_run_id: str | No
         log_study_plots(study)
         # timings go to MLflow, never into summary.json (a DVC output: a pure function)
         tracking.log_metrics({"tune/wall_seconds": time.perf_counter() - started})
-    summary = _summary(name, trials, best)
+    summary = _summary(trials, best)
     if not join:  # an extra worker from elsewhere writes no DVC outputs
         write_yaml(cfg.best_params_file, dict(best.params))
         write_json(cfg.report_dir("tune") / SUMMARY_FILE, summary)
+        write_json(cfg.report_dir("tune") / STUDY_FILE,
+                   {"study": name, "objective": OBJECTIVE, "direction": "maximize",
+                    "best_trial": best.number})
     return summary
 
 
@@ -341,24 +381,27 @@ def _check_workers(processes: list[Any], study: Any, n_trials: int) -> None:
                 "the budget", len(dead), codes)
 
 
-def _summary(name: str, trials: list[Any], best: Any) -> dict[str, Any]:
+def _summary(trials: list[Any], best: Any) -> dict[str, Any]:
+    """The numbers `dvc metrics show` lists (the study's name and best trial: STUDY_FILE)."""
     states = [t.state.name for t in trials]
     return {
-        "study": name,
         "trials_complete": states.count("COMPLETE"),
         "trials_pruned": states.count("PRUNED"),
         "trials_failed": sum(1 for t in trials if t.state.name == "FAIL" and not is_surplus(t)),
         "best_value": best.value,
-        "best_trial": best.number,
-        "objective": OBJECTIVE,
         "epochs_spent": sum(int(t.user_attrs.get("epochs", 0)) for t in trials),
     }
 
 
 def main(cfg: Config, args: Any) -> None:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     interrupt_on_sigterm()  # SIGTERM: runs end KILLED and worker processes stop, as on Ctrl-C
-    summary = run(cfg, progress=not args.quiet, join=args.worker)
+    with logging_redirect_tqdm():  # a line per trial prints above the progress bar
+        summary = run(cfg, progress=not args.quiet, join=args.worker)
+    study = "" if args.worker else \
+        f"study {read_json(cfg.report_dir('tune') / STUDY_FILE)['study']}  "
     print(
-        f"tune: study {summary['study']}  best {OBJECTIVE} {summary['best_value']:.4f}  "
+        f"tune: {study}best {OBJECTIVE} {summary['best_value']:.4f}  "
         f"({summary['trials_complete']} complete, {summary['trials_pruned']} pruned)"
     )
