@@ -7,9 +7,9 @@ crop after 4-pixel padding, horizontal flip). Targets: >= 10x and >= 2x.
 
 from __future__ import annotations
 
-from harness import Row, alternate, quiet, report, row_from, timed
+from harness import QUICK, Row, alternate, quiet, report, row_from, timed
 
-N, BATCH, EPOCHS = 10_000, 64, 3
+N, BATCH, EPOCHS = (1_000, 64, 1) if QUICK else (10_000, 64, 3)
 
 
 def main() -> list[Row]:
@@ -52,7 +52,7 @@ def main() -> list[Row]:
                 for _batch in loader:
                     pass
 
-        samples = alternate(timed(engine), timed(dataloader), rounds=5)
+        samples = alternate(timed(engine), timed(dataloader), rounds=1 if QUICK else 5)
         name = "data path, " + ("with augmentation" if augmenting else "no augmentation")
         rows.append(row_from(samples, name=f"{name} ({N:,} CIFAR-sized images)",
                              a_label="device-resident", b_label="DataLoader", unit="s",

@@ -12,9 +12,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from harness import Row, alternate, git_copy, quiet, report, row_from, timed
+from harness import QUICK, Row, alternate, git_copy, quiet, report, row_from, timed
 
 TINY = {"tune": {"n_trials": 2, "epochs": 1}, "train": {"epochs": 2}}
+ROUNDS = 1 if QUICK else 5
 
 
 def main() -> list[Row]:
@@ -30,9 +31,10 @@ def main() -> list[Row]:
 
     first = command(str(bin_dir / "dvc"), "repro")()  # the whole pipeline, tiny params
     dvc = alternate(command(str(bin_dir / "dvc"), "repro"),
-                    command(str(bin_dir / "dvc"), "--version"), rounds=5)
+                    command(str(bin_dir / "dvc"), "--version"), rounds=ROUNDS)
     cli = alternate(command(str(bin_dir / "reprolab"), "--help"),
-                    command(sys.executable, "-c", "import torch, mlflow, optuna"), rounds=5)
+                    command(sys.executable, "-c", "import torch, mlflow, optuna"),
+                    rounds=ROUNDS)
     rows = [
         row_from(dvc, name="dvc repro with nothing changed", a_label="dvc repro",
                  b_label="dvc --version", unit="s", ratio="A/B",

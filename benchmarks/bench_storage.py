@@ -12,9 +12,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import Row, alternate, quiet, report, row_from
+from harness import QUICK, Row, alternate, quiet, report, row_from
 
-WORKERS, TRIALS = 4, 100
+WORKERS, TRIALS = (4, 20) if QUICK else (4, 100)
 
 
 def _worker(kind: str, path: str, index: int, errors) -> None:
@@ -70,7 +70,8 @@ def main() -> list[Row]:
             p.join()
         return time.perf_counter() - started
 
-    samples = alternate(lambda: study("journal"), lambda: study("sqlite"), rounds=5)
+    samples = alternate(lambda: study("journal"), lambda: study("sqlite"),
+                        rounds=1 if QUICK else 5)
     wall = row_from(samples, name=f"study storage, {WORKERS} workers, {TRIALS} trials: wall",
                     a_label="journal", b_label="SQLite", unit="s", ratio="B/A")
     per_trial = {k: [v * WORKERS / TRIALS * 1000 for v in vs] for k, vs in samples.items()}

@@ -22,7 +22,13 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-REPORTS = REPO / "reports" / "bench"
+# BENCH_REPORTS: another folder for the JSON reports (the tests' smoke runs write there)
+# BENCH_QUICK=1 (run.py --quick): tiny sizes and one round, to check that a benchmark runs
+# while developing it; its figures mean nothing, so they go to reports/bench/quick/
+QUICK = os.environ.get("BENCH_QUICK") == "1"
+# BENCH_REPORTS: another folder for the JSON reports (the tests' smoke runs write there)
+REPORTS = Path(os.environ.get("BENCH_REPORTS")
+               or REPO / "reports" / "bench" / ("quick" if QUICK else ""))
 sys.path.insert(0, str(REPO / "src"))
 
 from reprolab.io import write_json  # noqa: E402
@@ -72,6 +78,31 @@ def alternate(a: Callable[[], float], b: Callable[[], float], rounds: int = 5,
         for label, side in order:
             samples[label].append(side())
     return samples
+
+
+def alternate_many(sides: dict[str, Callable[[], float]], rounds: int = 3,
+                   warmup: int = 0) -> dict[str, list[float]]:
+    """alternate() for more than two sides: {"A": a, "B": b, "C": c, ...} -> the samples of
+    each and of A', the second run of A that ends every round. The order of the other sides
+    rotates from round to round, so that no side always runs first or right after A."""
+    labels = list(sides)
+    for _ in range(warmup):
+        for label in labels:
+            sides[label]()
+    samples: dict[str, list[float]] = {label: [] for label in [*labels, "A'"]}
+    for i in range(rounds):
+        turn = i % len(labels)
+        for label in labels[turn:] + labels[:turn]:
+            samples[label].append(sides[label]())
+        samples["A'"].append(sides["A"]())
+    return samples
+
+
+def round_ratios(samples: dict[str, list[float]], ratio: str) -> list[float]:
+    """The ratio of A and B within each round (`"A/B"` or `"B/A"`), for targets that must
+    hold in every round, not only for the medians."""
+    pairs = zip(samples["A"], samples["B"], strict=True)
+    return [a / b if ratio == "A/B" else b / a for a, b in pairs]
 
 
 def median(values: list[float]) -> float:
@@ -141,10 +172,11 @@ def table(rows: list[Row]) -> str:
 
 def report(benchmark: str, rows: list[Row], extra: dict[str, Any] | None = None) -> Path:
     """Print the table and write reports/bench/<benchmark>.json (atomically)."""
-    print(f"\n## {benchmark}\n")
+    quick = " (quick: tiny sizes, one round; no figure means anything)" if QUICK else ""
+    print(f"\n## {benchmark}{quick}\n")
     print(table(rows) if rows else f"skipped: {(extra or {}).get('skipped', 'nothing measured')}")
     path = REPORTS / f"{benchmark}.json"
-    write_json(path, {"benchmark": benchmark, "machine": machine(),
+    write_json(path, {"benchmark": benchmark, "machine": machine(), "quick": QUICK,
                       "rows": [asdict(r) for r in rows], **(extra or {})})
     return path
 
@@ -162,6 +194,18 @@ def row_from(samples: dict[str, list[float]], *, name: str, a_label: str, b_labe
 def load(benchmark: str) -> dict[str, Any] | None:
     path = REPORTS / f"{benchmark}.json"
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def scratch(prefix: str) -> Path:
+    """A temporary folder, removed when the benchmark's process ends (the MNIST- and
+    CIFAR-shaped workloads take hundreds of MB each)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 def git_copy(dest: Path, params: dict[str, dict[str, Any]]) -> Path:
@@ -190,9 +234,11 @@ def git_copy(dest: Path, params: dict[str, dict[str, Any]]) -> Path:
     return dest
 
 
-def pipeline_project(root: Path, *overrides: str) -> Callable[..., Any]:
+def pipeline_project(root: Path, *overrides: str,
+                     workload: Any = None) -> Callable[..., Any]:
     """A project in `root` with params.yaml (digits unless the overrides say otherwise), its data
-    fetched and preprocessed, and MLflow pointed at a store inside it.
+    fetched and preprocessed, and MLflow pointed at a store inside it. `workload` (a
+    workloads.Shape) places synthetic raw files of that shape and sets data.dataset to match.
     -> config(*more_overrides)."""
     import shutil
 
@@ -202,11 +248,17 @@ def pipeline_project(root: Path, *overrides: str) -> Callable[..., Any]:
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    if workload is not None:
+        overrides = (f"data.dataset={workload.dataset}", *overrides)
 
     def config(*more: str) -> Any:
         return load_config(root / "params.yaml", [*overrides, *more])
 
     cfg = config()
+    if workload is not None:
+        import workloads
+
+        workloads.write(cfg.raw_dir, workload)
     fetch.run(cfg)
     preprocess.run(cfg)
     return config

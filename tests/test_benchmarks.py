@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -46,10 +47,104 @@ def test_rows_take_medians_ratios_and_targets(ratio, target, value, met):
 
 
 def test_run_refuses_an_unknown_benchmark_in_one_line():
+    import run
+
     proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "tracking", "speed"],
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
-        "benchmarks/run.py: error: unknown ['speed']; allowed: tracking, datapath, throughput, "
-        "pruning, storage, noop, gpu"
+        f"benchmarks/run.py: error: unknown ['speed']; allowed: {', '.join(run.ORDER)}"
     )
+    assert {"throughput", "tracking", "startup"} <= set(run.ORDER)
+
+
+def test_more_than_two_sides_rotate_and_a_runs_again_last_in_every_round():
+    calls = []
+
+    def side(label):
+        def run():
+            calls.append(label)
+            return float(len(calls))
+        return run
+
+    samples = harness.alternate_many({"A": side("A"), "B": side("B"), "C": side("C")}, rounds=3)
+    assert calls == ["A", "B", "C", "A", "B", "C", "A", "A", "C", "A", "B", "A"]
+    assert samples == {"A": [1.0, 7.0, 10.0], "B": [2.0, 5.0, 11.0], "C": [3.0, 6.0, 9.0],
+                       "A'": [4.0, 8.0, 12.0]}
+    # the per-round ratio, for targets that must hold in every round
+    assert harness.round_ratios(samples, "A/B") == [0.5, 1.4, 10 / 11]
+    assert harness.round_ratios(samples, "B/A") == [2.0, 5 / 7, 1.1]
+
+
+def test_readme_gets_the_tables_between_its_markers_only(tmp_path):
+    import run
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nbefore\n{run.START}\nold tables\n{run.END}\nafter\n")
+    assert run.update_readme("new tables\n", readme)
+    assert readme.read_text() == f"# title\n\nbefore\n{run.START}\nnew tables\n{run.END}\nafter\n"
+    readme.write_text("no markers\n")
+    assert not run.update_readme("new tables\n", readme)
+    assert readme.read_text() == "no markers\n"
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar"])
+def test_synthetic_workloads_are_learnable_in_the_real_formats(tmp_path, name):
+    import numpy as np
+    import workloads
+
+    from reprolab.data import torchvision_sets
+
+    shape = workloads.SHAPES[name].scaled(0.004)  # 240 / 200 training images
+    workloads.write(tmp_path, shape, seed=3)
+    x, y, tx, ty, classes = torchvision_sets.read(shape.dataset, tmp_path)  # the stage's reader
+    assert x.shape == (shape.train, *shape.image) and x.dtype == np.uint8
+    assert tx.shape == (shape.test, *shape.image) and len(classes) == 10
+    assert np.bincount(y).tolist() == [shape.train // 10] * 10  # balanced
+    # the classes are in the pixels, not trivially: the nearest class template (known only to
+    # the generator) is right for most images, and the pixel noise still varies within a class
+    patterns = workloads.templates(shape.image, np.random.default_rng(3))
+    flat = (x.reshape(len(x), -1) / 255.0) - (x.reshape(len(x), -1) / 255.0).mean(1, keepdims=True)
+    ref = patterns.reshape(10, -1) - patterns.reshape(10, -1).mean(1, keepdims=True)
+    accuracy = ((flat @ ref.T).argmax(1) == y).mean()
+    assert 0.8 < accuracy < 1.0
+    assert x[y == 0].std(axis=0).mean() > 40  # pixel values 0..255
+    again, _, _, _, _ = torchvision_sets.read(shape.dataset, tmp_path)
+    workloads.write(tmp_path / "other", shape, seed=4)
+    other, _, _, _, _ = torchvision_sets.read(shape.dataset, tmp_path / "other")
+    assert np.array_equal(again, x) and not np.array_equal(other, x)
+
+
+def test_tutorial_loop_trains_the_model_it_is_given():
+    import torch
+    import workloads
+    from bench_throughput import tutorial_fit
+
+    from reprolab.data import Split
+    from reprolab.engine import evaluate
+    from reprolab.models import build, model_spec
+
+    x, y = workloads.images(400, (1, 28, 28), seed=0)
+    split = Split(torch.from_numpy(x), torch.from_numpy(y))
+    torch.manual_seed(0)
+    model = build(model_spec("simple_cnn", (1, 28, 28), 10, [110.0], [80.0], hidden=32))
+    before = evaluate(model, split, 512)[1]
+    tutorial_fit(model, split, split, batch_size=32, lr=3e-3, epochs=2, seed=0)
+    assert evaluate(model, split, 512)[1] > max(0.5, before + 0.3)
+
+
+def test_stage_timer_splits_a_command_and_the_shim_adds_its_wall_time(tmp_path):
+    import bench_startup
+
+    log = tmp_path / "stages.jsonl"
+    bench_startup.timer_on_path(tmp_path / "bin", log)
+    proc = subprocess.run([str(tmp_path / "bin" / "reprolab"), "fetch", "--help"],
+                          capture_output=True, text=True, env=bench_startup.environment())
+    assert proc.returncode == 0 and "--params" in proc.stdout  # the real CLI answered
+    timer_line, wall_line = (json.loads(line) for line in log.read_text().splitlines())
+    assert timer_line["stage"] == "fetch" and timer_line["store"] == 0.0
+    assert 0 < timer_line["imports"] < timer_line["total"] < wall_line["wall"]
+    split = bench_startup.stage_splits(log)["fetch"]
+    assert split["wall"] == wall_line["wall"]
+    parts = split["start"] + split["imports"] + split["store"] + split["work"] + split["exit"]
+    assert parts == pytest.approx(split["wall"])
