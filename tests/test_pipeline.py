@@ -87,6 +87,8 @@ def tracked_outputs(lock: dict) -> dict[str, str]:
     for spec in lock["stages"].values():
         for entry in spec.get("outs", []):
             path = entry["path"]
+            if entry["md5"].endswith(".dir"):  # folders (data, models) are DVC's, never git's
+                continue
             ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0
             if not ignored:
                 out[path] = entry["md5"]
