@@ -80,9 +80,13 @@ def pipeline_run(root: Path) -> tuple[float, dict[str, dict[str, float]]]:
     timer_on_path(root.parent / f"{root.name}-bin", log)
     env = environment(root.parent / f"{root.name}-bin")
     started = time.perf_counter()
-    subprocess.run([str(Path(sys.executable).parent / "dvc"), "repro"], cwd=root, env=env,
-                   check=True, capture_output=True)
-    return time.perf_counter() - started, stage_splits(log)
+    proc = subprocess.run([str(Path(sys.executable).parent / "dvc"), "repro"], cwd=root, env=env,
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if proc.returncode:
+        sys.exit(f"bench_startup: dvc repro failed in {root}:\n{proc.stdout[-3000:]}"
+                 f"{proc.stderr[-3000:]}")
+    return wall, stage_splits(log)
 
 
 def stage_rows(root: Path, splits: dict[str, dict[str, float]]) -> list[Row]:
