@@ -28,9 +28,11 @@ lock: setup
 	dvc repro
 	@dvc status --quiet || { dvc status; echo "dvc.lock: stages still out of date" >&2; exit 1; }
 
-# The end-to-end module runs on one worker while the rest of the suite runs on the other.
+# Each test file runs whole on one worker (module fixtures are shared within a file).
 test: setup
-	pytest -n auto --dist loadfile
+	@# one worker more than cores: about a quarter of the suite waits on processes it starts
+	@# (servers, torchrun, dvc), so a third worker fills the cores; files stay whole per worker
+	pytest -n $$(( $$(nproc) + 1 )) --dist loadfile
 
 # Measured ratios (never part of `make test`): tables on stdout and in reports/bench/.
 bench: setup
