@@ -219,23 +219,6 @@ def _rendezvous_store() -> dict[str, Any]:
             "rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"])}
 
 
-def stop_with_launcher() -> None:
-    """This rank stops (as on SIGTERM) once the process that launched it is gone, even after a
-    kill -9 of it: torchrun starts its workers in sessions of their own, which nothing else
-    would stop."""
-    import signal
-    import threading
-
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="stop-with-launcher", daemon=True).start()
-
-
 def all_ranks(exc: BaseException) -> BaseException:
     """Mark an error that every rank raises at the same point: see train.ranks."""
     exc.all_ranks = True  # type: ignore[attr-defined]

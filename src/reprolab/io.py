@@ -193,3 +193,21 @@ def pid_alive(pid: int) -> bool:
     except OSError:  # no /proc (macOS), or it just went
         return True
     return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def exit_with_parent() -> None:
+    """This process stops (as on SIGTERM) once the process that started it is gone, even after
+    a kill -9 of it: a spawned tuning worker, or a rank that torchrun started in a session of
+    its own, would otherwise go on as an orphan."""
+    import signal
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()

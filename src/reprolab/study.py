@@ -446,19 +446,6 @@ def interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
-def exit_with_parent() -> None:
-    """A spawned worker stops (as on SIGTERM) once the process that started it is gone, even
-    after a kill -9 of it: no orphan goes on running trials."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
-
-
 def _await_ready(processes: list[Any], ready: Any, patience_s: float = 300) -> None:
     """Wait until every spawned worker has its data loaded, so that all start trials together
     (one that dies or stays silent for patience_s is not waited for)."""

@@ -48,7 +48,6 @@ from reprolab.engine import (
     seed_everything,
     select_device,
     start_distributed,
-    stop_with_launcher,
     world,
 )
 from reprolab.errors import ConfigError, ReprolabError
@@ -58,6 +57,7 @@ from reprolab.io import (
     atomic_path,
     check_replaceable,
     exclusive_lock,
+    exit_with_parent,
     sha256_file,
     write_text,
     write_yaml,
@@ -286,7 +286,7 @@ def ranks(cfg: Config) -> Iterator[torch.device]:
     if "WORLD_SIZE" not in os.environ:
         yield device
         return
-    stop_with_launcher()
+    exit_with_parent()
     device = start_distributed(device)
     try:
         yield device

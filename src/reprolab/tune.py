@@ -23,7 +23,7 @@ from typing import Any
 
 from reprolab.config import Config
 from reprolab.errors import ReprolabError
-from reprolab.io import read_json, write_json, write_yaml
+from reprolab.io import exit_with_parent, read_json, write_json, write_yaml
 from reprolab.study import (
     RUN,
     WORKER,
@@ -33,7 +33,6 @@ from reprolab.study import (
     count,
     dead_workers,
     describe_study,
-    exit_with_parent,
     grid_sampler,
     interrupt_on_sigterm,
     is_surplus,
