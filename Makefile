@@ -42,7 +42,8 @@ bench: setup
 ui: setup
 	@echo "MLflow UI: http://127.0.0.1:5000 (click 'Model training' at the top left once:" \
 	      "experiments then open on their runs)"
-	mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db"
+	MLFLOW_DISABLE_TELEMETRY=$${MLFLOW_DISABLE_TELEMETRY:-true} \
+	    mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db"
 
 lint: setup
 	ruff check src tests benchmarks

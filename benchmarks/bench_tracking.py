@@ -27,7 +27,7 @@ DIGITS = ((2, 1), (4, 0)) if QUICK else ((30, 1), (90, 0))  # (epochs, warm-up r
 DIGITS_TARGETS = {DIGITS[0][0]: "", DIGITS[1][0]: "<= 1.10"}
 MNIST_EPOCHS, MNIST_TARGET = 2, "<= 1.02"
 ROUNDS = 1 if QUICK else 5
-MNIST_ROUNDS = 1 if QUICK else 3
+MNIST_ROUNDS = 1 if QUICK else 5
 
 
 def sides(config, epochs: int):

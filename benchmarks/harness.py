@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-# BENCH_REPORTS: another folder for the JSON reports (the tests' smoke runs write there)
 # BENCH_QUICK=1 (run.py --quick): tiny sizes and one round, to check that a benchmark runs
 # while developing it; its figures mean nothing, so they go to reports/bench/quick/
 QUICK = os.environ.get("BENCH_QUICK") == "1"
+# reprolab measured as its command runs it (cli.py): without MLflow's usage telemetry
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # BENCH_REPORTS: another folder for the JSON reports (the tests' smoke runs write there)
 REPORTS = Path(os.environ.get("BENCH_REPORTS")
                or REPO / "reports" / "bench" / ("quick" if QUICK else ""))

@@ -39,10 +39,11 @@ def summary(seconds: dict[str, float]) -> str:
         f"{m['memory_gib']} GiB; Python {m['python']}, torch {m['torch']}; "
         f"CUDA: {m['cuda'] or 'none'}; commit {m['commit']}.",
         "",
-        "A is reprolab's way, B the baseline; medians of alternating rounds (5 on digits, 3 on "
-        "the MNIST- and CIFAR-shaped workloads and for stage start-up; each row's rounds and "
-        "samples are in reports/bench/*.json); *A vs A* is a second run of A in the same rounds "
-        "over the first (the noise).",
+        "A is reprolab's way, B the baseline; medians of alternating rounds (5 on digits and "
+        "for the MNIST-shaped tracking row, 3 for throughput on the MNIST- and CIFAR-shaped "
+        "workloads and for stage start-up; each row's rounds and samples are in "
+        "reports/bench/*.json); *A vs A* is a second run of A in the same rounds over the first "
+        "(the noise).",
     ]
     for name in ORDER:  # every benchmark with a report, this run's and earlier ones
         data = load(name)

@@ -16,6 +16,8 @@ import pytest
 from reprolab.config import Config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
+# As `reprolab` does (cli.py): no MLflow telemetry from this process or the servers it starts
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs two test processes on the machine's cores: one thread each (and in every

@@ -175,3 +175,40 @@ def test_version_is_the_packages(capsys):
     from importlib.metadata import version as installed
 
     assert installed("reprolab") == version
+
+
+def test_a_stage_starts_without_the_garbage_collector_and_turns_it_on_for_its_work(
+        tmp_path, monkeypatch):
+    """cli.py keeps the collector off while a stage imports its libraries, io.startup_over turns
+    it on (with what is alive frozen) when long work begins, and an in-process caller gets the
+    collector back as it was."""
+    import gc
+    import types
+
+    from reprolab.io import startup_over
+
+    seen = []
+
+    def probe(cfg, args):
+        seen.append(gc.isenabled())
+        startup_over()
+        seen.append((gc.isenabled(), gc.get_freeze_count() > 0))
+
+    module = types.ModuleType("reprolab_probe_stage")
+    module.main = probe
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(cli.COMMANDS, "probe", (module.__name__, "a probe"))
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    assert gc.isenabled()
+    try:
+        assert cli.main(["probe", "-q"]) == 0
+        assert seen == [False, (True, True)]
+        assert gc.isenabled()
+        seen.clear()
+        gc.disable()  # a caller that runs with the collector off keeps it off
+        assert cli.main(["probe", "-q"]) == 0
+        assert not gc.isenabled()
+    finally:
+        gc.unfreeze()
+        gc.enable()

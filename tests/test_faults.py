@@ -405,3 +405,35 @@ def test_a_vanished_tracking_server_is_one_line_and_the_rerun_resumes(project, t
         assert len(models) == 1
     finally:
         stop(server)
+
+
+# ---- a signal while a run ends ----
+
+@pytest.mark.parametrize(("raised", "status"), [(RuntimeError, "FAILED"), (None, "FINISHED")])
+def test_a_sigterm_while_a_run_ends_waits_for_its_end(make_config, monkeypatch, raised, status):
+    """torchrun stops the other ranks of a failed one with SIGTERM, which can land while rank 0
+    marks its run FAILED: the run must not stay RUNNING. A SIGTERM during a run's normal end
+    still interrupts the stage, once the run is FINISHED."""
+    import signal
+
+    tracking.configure(make_config("tracking.experiment=sigterm-at-end"))
+    real_end_run = mlflow.end_run
+    ending = []
+
+    def end_run_hit_by_sigterm(*args, **kwargs):
+        ending.append(True)
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered here, before the store is written
+        return real_end_run(*args, **kwargs)
+
+    previous = signal.signal(signal.SIGTERM, train._raise_interrupt)  # as `reprolab train`
+    monkeypatch.setattr(mlflow, "end_run", end_run_hit_by_sigterm)
+    try:
+        with pytest.raises(raised or KeyboardInterrupt):
+            with tracking.start_run("sigterm-at-end") as run_id:
+                if raised:
+                    raise raised("rank 1 is gone")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert ending
+    assert MlflowClient().get_run(run_id).info.status == status
+    assert signal.getsignal(signal.SIGTERM) is previous

@@ -86,6 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Start-up without the cyclic garbage collector: importing torch, MLflow, scikit-learn and
+    # matplotlib makes millions of objects that live as long as the process, and Python rescans
+    # them at every full collection, about a quarter of a short stage's wall time
+    # (benchmarks/bench_startup.py). Stages with long work turn it back on when that work begins
+    # (io.startup_over: training epochs, preprocessing); the short ones end first. A caller in
+    # the same process (tests) gets the collector back as it was.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return run_command(argv)
+    finally:
+        (gc.enable if collecting else gc.disable)()
+
+
+def run_command(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -99,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     # seconds tell a stage that the server is gone. Set them to wait longer.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    # No network but the stores: MLflow would otherwise send usage telemetry from every stage
+    # (a thread that looks up its service, an installation id in ~/.config). Before any import
+    # of mlflow; MLFLOW_DISABLE_TELEMETRY=false turns it back on (tests/test_offline.py).
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     # A process that loaded torch, MLflow and scikit-learn spends 1-2 s of its exit in the
     # interpreter's last garbage collection, over objects that die with the process anyway
     # (benchmarks/bench_startup.py). Freezing them at exit skips it; registered before the stage

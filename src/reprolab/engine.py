@@ -29,6 +29,7 @@ from torch import nn
 
 from reprolab.data import Split
 from reprolab.errors import ConfigError, ReprolabError, TrainingDiverged
+from reprolab.io import startup_over
 
 log = logging.getLogger(__name__)
 
@@ -698,7 +699,8 @@ def fit(
     was taken, with the same result as an uninterrupted run. Under torchrun, every rank calls
     fit() alike; progress shows on rank 0.
     """
-    loop = _setup(model, len(train), hp)
+    loop = _setup(model, len(train), hp)  # the optimizer's first use imports torch._dynamo
+    startup_over()  # the epochs are the long work: the garbage collector back on
     if state is not None:
         _restore(loop, state)
         log.info("resuming at epoch %d of %d", loop.epoch + 1, hp.epochs)

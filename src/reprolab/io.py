@@ -211,3 +211,42 @@ def exit_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+@contextlib.contextmanager
+def signals_held(reraise: bool = True) -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block is done: what must not be cut half-way (a run's
+    end in the store) finishes. A signal that came meanwhile is then raised as KeyboardInterrupt
+    if `reraise` (the process is not already on its way out with an error). Main thread only;
+    elsewhere the block runs as it is."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.getsignal(signum) for signum in held}
+    for signum in held:
+        signal.signal(signum, lambda number, frame: came.append(number))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:  # None: set outside Python, cannot be put back
+                signal.signal(signum, handler)
+    if came and reraise:
+        raise KeyboardInterrupt(f"signal {came[0]}")
+
+
+def startup_over() -> None:
+    """The stage's long work begins: the garbage collector, which `reprolab` keeps off while a
+    stage starts (cli.py), comes back, with every object alive now (the modules of torch, MLflow
+    and the rest, which live as long as the process) frozen out of its passes. A no-op when the
+    collector is on (tests, a library caller)."""
+    import gc
+
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()

@@ -159,8 +159,14 @@ def start_run(
         status = "FAILED"
         raise
     finally:
+        from reprolab.io import signals_held
+
         try:
-            mlflow.end_run(status)
+            # a signal now (torchrun stops the other ranks of a failed one with SIGTERM) would
+            # cut the run's end short and leave it RUNNING: it waits, and is dropped when an
+            # error or an interrupt is ending the run anyway
+            with signals_held(reraise=status == "FINISHED"):
+                mlflow.end_run(status)
         except Exception as exc:  # noqa: BLE001 - the store failed: keep the error that ended us
             log.info("could not mark run %s %s: %s", run.info.run_id, status,
                      str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
@@ -295,6 +301,10 @@ def log_model(model: Any, input_example: Any, classes: list[str]) -> str:
         serialization_format="pt2",
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         metadata={"classes": list(classes)},
+        # MLflow would load the model back and predict the example to check that it serves (a
+        # failure only warns), a third of the run's tracking cost on digits;
+        # tests/test_serving.py serves logged models for real
+        validate_serving_input=False,
     )
     return info.model_uri
 

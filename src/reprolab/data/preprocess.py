@@ -19,7 +19,7 @@ from reprolab.data import (
     torchvision_sets,
 )
 from reprolab.errors import DataError
-from reprolab.io import atomic_dir, read_json, sha256_file, write_json
+from reprolab.io import atomic_dir, read_json, sha256_file, startup_over, write_json
 
 log = logging.getLogger(__name__)
 REPORT_FILE = "report.json"
@@ -164,6 +164,7 @@ def run(cfg: Config) -> dict[str, Any]:
             f"{raw_dir / MANIFEST}: holds dataset {dataset!r}, params say {cfg.data.dataset!r}"
         )
     left_out = fetch_skipped(manifest, raw_dir, cfg.data.skip_bad_images)
+    startup_over()  # reading the raw files can be long: the garbage collector back on
     images, labels, test_x, test_y, classes, skipped, ignored = read_raw(cfg, raw_dir)
     skipped = sorted({*left_out, *skipped})
     official = test_x is not None
