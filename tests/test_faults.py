@@ -428,10 +428,10 @@ def test_a_sigterm_while_a_run_ends_waits_for_its_end(make_config, monkeypatch, 
     previous = signal.signal(signal.SIGTERM, train._raise_interrupt)  # as `reprolab train`
     monkeypatch.setattr(mlflow, "end_run", end_run_hit_by_sigterm)
     try:
-        with pytest.raises(raised or KeyboardInterrupt):
-            with tracking.start_run("sigterm-at-end") as run_id:
-                if raised:
-                    raise raised("rank 1 is gone")
+        with pytest.raises(raised or KeyboardInterrupt), \
+                tracking.start_run("sigterm-at-end") as run_id:
+            if raised:
+                raise raised("rank 1 is gone")
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert ending
