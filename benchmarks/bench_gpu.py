@@ -77,7 +77,7 @@ def time_to_accuracy(device, mnist: Path, target: float) -> Row | None:
     meta, train_split, val_split = load_training_data(cfg.processed_dir, device)
     test_split = load_split(cfg.processed_dir, "test").to(device)
     model = build(recipe.spec_for(cfg, meta)).to(device)
-    hyper = recipe.hyper_for(cfg, cfg.train.epochs, device)
+    hyper = recipe.hyper_for(cfg, cfg.train.epochs, device, meta["shape"])
     reached: dict[str, float] = {}
 
     def on_epoch(row: dict[str, float]) -> None:

@@ -56,9 +56,16 @@ class Row:
 
 
 def timed(fn: Callable[[], Any]) -> Callable[[], float]:
-    """A side that is timed from outside: its wall seconds."""
+    """A side that is timed from outside: its wall seconds. It starts as a stage's work starts
+    under `reprolab` (cli.py, io.startup_over): the garbage of the sides before it collected,
+    and what is alive frozen out of the collector's passes. Without that, the collector's full
+    passes over torch's and MLflow's objects landed in whichever side ran next: the same
+    tracked run took 17.6 to 21.2 s in one round of the MNIST-shaped tracking row."""
+    import gc
 
     def side() -> float:
+        gc.collect()
+        gc.freeze()
         started = time.perf_counter()
         fn()
         return time.perf_counter() - started

@@ -328,13 +328,17 @@ def test_every_model_fits_any_shape_and_trains_one_step(name, shape, classes):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
-@pytest.mark.parametrize(("native", "expected"), [(True, "bf16"), (False, "fp32")])
-def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16(monkeypatch, native, expected):
+@pytest.mark.parametrize(("native", "shape", "expected"), [
+    (True, (1, 28, 28), "bf16"), (True, (3, 32, 32), "bf16"), (True, (1, 16, 16), "bf16"),
+    (True, (1, 8, 8), "fp32"),  # digits: bf16 gains nothing there (bench_throughput.py)
+    (False, (1, 28, 28), "fp32"), (False, (1, 8, 8), "fp32")])
+def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16_and_images_not_tiny(
+        monkeypatch, native, shape, expected):
     from reprolab import engine
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     cpu = torch.device("cpu")
-    assert engine.select_precision("auto", cpu) == expected
+    assert engine.select_precision("auto", cpu, shape) == expected
     for forced in ("fp32", "bf16", "fp16"):  # an explicit choice is never second-guessed
-        assert engine.select_precision(forced, cpu) == forced
+        assert engine.select_precision(forced, cpu, (1, 8, 8)) == forced

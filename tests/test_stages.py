@@ -253,7 +253,7 @@ def test_tuned_values_become_the_config_that_trains(project):
     assert tuned.params_hash != cfg.params_hash
     assert tuned.train.epochs == cfg.train.epochs and tuned.base_dir == cfg.base_dir
     cfg.best_params_file.write_text("optimizer: sgd\nlr: 0.01\nbatch_size: 32\n")
-    assert hyper_for(with_tuned(cfg), 2, torch.device("cpu")).batch_size == 32
+    assert hyper_for(with_tuned(cfg), 2, torch.device("cpu"), [1, 8, 8]).batch_size == 32
     # the same validator as params.yaml, naming the file and the key
     cfg.best_params_file.write_text("optimizer: lion\nlr: 0.002\n")
     with pytest.raises(ConfigError, match=r"best_params.yaml: train.optimizer = 'lion'"):

@@ -17,16 +17,17 @@ def spec_for(cfg: Config, meta: dict[str, Any]) -> dict[str, Any]:
                       meta["std"], hidden=cfg.model.hidden, width=cfg.model.width)
 
 
-def hyper_for(cfg: Config, epochs: int, device: Any) -> Hyper:
+def hyper_for(cfg: Config, epochs: int, device: Any, shape: list[int] | None) -> Hyper:
     """The engine's settings from the train and data sections of a resolved config (tuned
-    values, or a trial's point, already applied with config.with_train)."""
+    values, or a trial's point, already applied with config.with_train). `shape`: the images'
+    C x H x W (meta.json's), which `precision: auto` looks at."""
     t = cfg.train
     return Hyper(
         optimizer=t.optimizer, lr=t.lr, epochs=epochs, batch_size=t.batch_size,
         momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay,
         schedule=t.schedule, warmup_epochs=min(t.warmup_epochs, epochs - 1),
         label_smoothing=t.label_smoothing, patience=t.early_stopping_patience,
-        precision=select_precision(t.precision, device), compile=t.compile,
+        precision=select_precision(t.precision, device, shape), compile=t.compile,
         crop_padding=cfg.data.crop_padding, flip=cfg.data.flip, seed=cfg.seed,
     )
 

@@ -202,7 +202,7 @@ def make_objective(cfg: Config, meta: dict[str, Any], splits: tuple[Any, Any], d
         model = build(spec).to(device)
         # the trial's point overrides the train section, validated like params.yaml
         hyper = hyper_for(with_train(cfg, params, f"trial {trial.number}"), cfg.tune.epochs,
-                          device)
+                          device, meta["shape"])
         pruned = False
         run_name = f"trial-{trial.number}-{params['optimizer']}-lr{short_lr(params['lr'])}"
         tags = {**run_tags, "optuna.trial": str(trial.number), "optuna.worker": worker_id()}
