@@ -241,11 +241,13 @@ def digits_rows() -> list[Row]:
                     target="")
     prec.control = median(samples["A'"]) / median(samples["A"])
     accuracies = {precision: acc_a, other: median(w.accuracy[other])}
+    diff = (accuracies["bf16"] - accuracies["fp32"]) * 100
     prec.note = (
-        f"test accuracy: bf16 {accuracies['bf16']:.4f}, fp32 {accuracies['fp32']:.4f}; A vs A "
-        f"is the engine's default ({precision}) run twice. Why `train.precision: auto` keeps "
-        "fp32 for images under 16x16 pixels on any CPU: on 8x8 images the convolutions are too "
-        "small for the bf16 kernels to make up for the casts at every layer"
+        f"test accuracy: bf16 {accuracies['bf16']:.4f}, fp32 {accuracies['fp32']:.4f} "
+        f"({diff:+.2f} points); A vs A is the engine's default ({precision}) run twice. Why "
+        "`train.precision: auto` keeps fp32 for images under 16x16 pixels: on 8x8 images the "
+        "convolutions are small beside the casts at every layer, and bf16 stays below the 1.3x "
+        "within 0.2 points of accuracy that it asks"
     )
     return [speed, accuracy, prec]
 

@@ -330,7 +330,7 @@ def test_every_model_fits_any_shape_and_trains_one_step(name, shape, classes):
 
 @pytest.mark.parametrize(("native", "shape", "expected"), [
     (True, (1, 28, 28), "bf16"), (True, (3, 32, 32), "bf16"), (True, (1, 16, 16), "bf16"),
-    (True, (1, 8, 8), "fp32"),  # digits: bf16 gains nothing there (bench_throughput.py)
+    (True, (1, 8, 8), "fp32"),  # digits: bf16 does not pay there (bench_throughput.py)
     (False, (1, 28, 28), "fp32"), (False, (1, 8, 8), "fp32")])
 def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16_and_images_not_tiny(
         monkeypatch, native, shape, expected):

@@ -99,8 +99,8 @@ def select_precision(name: str, device: torch.device, shape: Sequence[int] | Non
     instructions (AVX512-BF16 or AMX) for images of 16x16 pixels or more; fp32 elsewhere.
 
     On such a CPU bf16 trains the seed CNN 1.5x faster or more on 28x28 and 32x32 images at the
-    same test accuracy, and gains nothing on 8x8 digits, whose convolutions are too small for
-    the bf16 kernels to make up for the casts (benchmarks/bench_throughput.py). `shape`: the
+    same test accuracy; on 8x8 digits, whose convolutions are small beside the casts, it gained
+    1.1x and lost half a point of test accuracy (benchmarks/bench_throughput.py). `shape`: the
     images' C x H x W; None when not known (taken as large enough)."""
     if name != "auto":
         return name
