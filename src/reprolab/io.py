@@ -216,9 +216,9 @@ def exit_with_parent() -> None:
 @contextlib.contextmanager
 def signals_held(reraise: bool = True) -> Iterator[None]:
     """Ctrl-C and SIGTERM wait until the block is done: what must not be cut half-way (a run's
-    end in the store) finishes. A signal that came meanwhile is then raised as KeyboardInterrupt
-    if `reraise` (the process is not already on its way out with an error). Main thread only;
-    elsewhere the block runs as it is."""
+    end in the store) finishes. A signal that came meanwhile is then delivered again, to the
+    handlers from before the block, if `reraise` (the process is not already on its way out with
+    an error). Main thread only; elsewhere the block runs as it is."""
     import signal
     import threading
 
@@ -237,7 +237,7 @@ def signals_held(reraise: bool = True) -> Iterator[None]:
             if handler is not None:  # None: set outside Python, cannot be put back
                 signal.signal(signum, handler)
     if came and reraise:
-        raise KeyboardInterrupt(f"signal {came[0]}")
+        signal.raise_signal(came[0])
 
 
 def startup_over() -> None:

@@ -241,7 +241,7 @@ def frozen(state: dict[str, Any]) -> dict[str, Any]:
             return value.detach().clone()
         if isinstance(value, dict):
             return {key: copied(item) for key, item in value.items()}
-        if isinstance(value, list | tuple):
+        if type(value) in (list, tuple):  # subclasses (named tuples) go to deepcopy
             return type(value)(copied(item) for item in value)
         if value is None or isinstance(value, int | float | str | bool):
             return value
