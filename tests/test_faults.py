@@ -23,6 +23,7 @@ from mlflow import MlflowClient
 from conftest import TINY, training_run_id
 from reprolab import cli, tracking, train
 from reprolab.data import load_split
+from reprolab.io import interrupt_on_sigterm
 
 
 def tree(root: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
@@ -425,7 +426,8 @@ def test_a_sigterm_while_a_run_ends_waits_for_its_end(make_config, monkeypatch, 
         os.kill(os.getpid(), signal.SIGTERM)  # delivered here, before the store is written
         return real_end_run(*args, **kwargs)
 
-    previous = signal.signal(signal.SIGTERM, train._raise_interrupt)  # as `reprolab train`
+    previous = signal.getsignal(signal.SIGTERM)
+    interrupt_on_sigterm()  # as `reprolab train` does
     monkeypatch.setattr(mlflow, "end_run", end_run_hit_by_sigterm)
     try:
         with pytest.raises(raised or KeyboardInterrupt), \

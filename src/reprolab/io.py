@@ -240,6 +240,19 @@ def signals_held(reraise: bool = True) -> Iterator[None]:
         signal.raise_signal(came[0])
 
 
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM ends this process like Ctrl-C: a tuning trial fails, training writes its last
+    checkpoint, MLflow runs end KILLED and worker processes are stopped, instead of all of them
+    being cut off mid-write."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
 def startup_over() -> None:
     """The stage's long work begins: the garbage collector, which `reprolab` keeps off while a
     stage starts (cli.py), comes back, with every object alive now (the modules of torch, MLflow

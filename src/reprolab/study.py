@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import sys
 import threading
@@ -434,16 +433,6 @@ def run_trials(study: Any, storage: Any, budget: Budget, objective: Callable[[An
 
 
 # ---- local worker processes ----
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def interrupt_on_sigterm() -> None:
-    """SIGTERM ends this process like Ctrl-C: its trial fails, its MLflow runs end KILLED and
-    its worker processes are stopped, instead of all of them being cut off mid-write."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
 def _await_ready(processes: list[Any], ready: Any, patience_s: float = 300) -> None:

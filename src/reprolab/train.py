@@ -58,6 +58,7 @@ from reprolab.io import (
     check_replaceable,
     exclusive_lock,
     exit_with_parent,
+    interrupt_on_sigterm,
     sha256_file,
     write_text,
     write_yaml,
@@ -470,17 +471,13 @@ def write_outputs(
     return model_hash
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(cfg: Config, args: Any) -> int:
     if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device = {cfg.train.device!r}: CUDA is not available here")
     if cfg.train.device == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("train.device = 'mps': MPS is not available here")
     # SIGTERM ends the run KILLED like Ctrl-C, with a checkpoint of the last finished epoch.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    interrupt_on_sigterm()
     if cfg.train.processes > 1 and "WORLD_SIZE" not in os.environ:  # not under torchrun yet
         return launch(cfg, args)
     from tqdm.contrib.logging import logging_redirect_tqdm

@@ -23,7 +23,13 @@ from typing import Any
 
 from reprolab.config import Config
 from reprolab.errors import ReprolabError
-from reprolab.io import exit_with_parent, read_json, write_json, write_yaml
+from reprolab.io import (
+    exit_with_parent,
+    interrupt_on_sigterm,
+    read_json,
+    write_json,
+    write_yaml,
+)
 from reprolab.study import (
     RUN,
     WORKER,
@@ -34,7 +40,6 @@ from reprolab.study import (
     dead_workers,
     describe_study,
     grid_sampler,
-    interrupt_on_sigterm,
     is_surplus,
     local_workers,
     open_storage,
