@@ -234,12 +234,7 @@ def digits_rows() -> list[Row]:
     )
     accuracy = accuracy_row("test accuracy after the same epochs (digits)", "engine",
                             "tutorial loop", w.accuracy["engine"], w.accuracy["tutorial"], 0.0)
-    by_precision = {precision: samples["A"], other: samples["C"]}
-    prec = row_from({"A": by_precision["bf16"], "B": by_precision["fp32"], "A'": samples["A'"]},
-                    name=f"bf16 autocast vs fp32, digits simple_cnn {DIGITS_EPOCHS} epochs",
-                    a_label="engine bf16", b_label="engine fp32", unit="img/s", ratio="A/B",
-                    target="")
-    prec.control = median(samples["A'"]) / median(samples["A"])
+    prec, _ = precision_row(samples, precision, f"digits simple_cnn {DIGITS_EPOCHS} epochs", "")
     accuracies = {precision: acc_a, other: median(w.accuracy[other])}
     diff = (accuracies["bf16"] - accuracies["fp32"]) * 100
     prec.note = (
@@ -250,6 +245,20 @@ def digits_rows() -> list[Row]:
         "within 0.2 points of accuracy that it asks"
     )
     return [speed, accuracy, prec]
+
+
+def precision_row(samples: dict[str, list[float]], default: str, what: str, target: str
+                  ) -> tuple[Row, list[float]]:
+    """bf16 against fp32 from the samples of alternate_many (A: the engine in its default
+    precision, C: in the other one); A vs A is the default run twice. -> (row, each round's
+    ratio)."""
+    by_precision = {default: samples["A"], "fp32" if default == "bf16" else "bf16": samples["C"]}
+    pair = {"A": by_precision["bf16"], "B": by_precision["fp32"]}
+    row = row_from({**pair, "A'": samples["A'"]}, name=f"bf16 autocast vs fp32, {what}",
+                   a_label="engine bf16", b_label="engine fp32", unit="img/s", ratio="A/B",
+                   target=target)
+    row.control = median(samples["A'"]) / median(samples["A"])
+    return row, round_ratios(pair, "A/B")
 
 
 def precision_in_use(w: Workload) -> str:
@@ -307,12 +316,7 @@ def realistic_rows(name: str) -> list[Row]:
         "NCHW max-pool is several times slower), no per-sample collation, a fused Adam step"
         + (", and bf16 autocast (this CPU has native bf16)" if default == "bf16" else "")
     )
-    by_precision = {default: samples["A"], other: samples["C"]}
-    prec = row_from({"A": by_precision["bf16"], "B": by_precision["fp32"], "A'": samples["A'"]},
-                    name=f"bf16 autocast vs fp32, {what}", a_label="engine bf16",
-                    b_label="engine fp32", unit="img/s", ratio="A/B", target=PRECISION_TARGET)
-    prec.control = median(samples["A'"]) / median(samples["A"])  # the default, run twice
-    prec_rounds = round_ratios({"A": by_precision["bf16"], "B": by_precision["fp32"]}, "A/B")
+    prec, prec_rounds = precision_row(samples, default, what, PRECISION_TARGET)
     prec_acc = accuracy_row(f"test accuracy, bf16 vs fp32, {what}", "engine bf16",
                             "engine fp32", w.accuracy["engine" if default == "bf16" else "bf16"],
                             w.accuracy["engine" if default == "fp32" else "fp32"],
