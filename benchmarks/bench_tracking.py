@@ -1,6 +1,7 @@
-"""1. Tracking overhead: `reprolab train` (full MLflow tracking: run, params, dataset, metrics
-every epoch, the resume checkpoint, the pt2 model, the learning curve) against a bare loop (the
-same engine, model, data, seed and epochs, tracking nothing). Targets: <= 1.10 on 90 digits
+"""1. Tracking overhead: `reprolab train` (full MLflow tracking: run, params, datasets, metrics
+every epoch, the resume checkpoint, the pt2 model, the DVC outputs) against a bare loop (the
+same engine, model, data, seed and epochs, tracking nothing). The learning curve is evaluate's
+to draw, from history.csv. Targets: <= 1.10 on 90 digits
 epochs, <= 1.02 on the MNIST-shaped run (60,000 synthetic 1x28x28 images in the real format,
 benchmarks/workloads.py).
 
@@ -91,8 +92,8 @@ def digits_rows() -> tuple[list[Row], dict[str, float]]:
     once = cost[short] - short * per_epoch
     bare_epoch = rows[1].b / long
     rows[-1].note = (
-        f"what limits it: tracking costs {once:.2f} s once per run (run, params, pt2 model, "
-        f"plots) and {per_epoch * 1000:.1f} ms per epoch (metrics, checkpoints), "
+        f"what limits it: tracking costs {once:.2f} s once per run (run, params, datasets, "
+        f"pt2 model, outputs) and {per_epoch * 1000:.1f} ms per epoch (metrics, checkpoints), "
         f"{1 + (once + per_epoch * long) / rows[1].b:.3f}x the bare loop over {long} epochs, "
         "against "
         f"{bare_epoch * 1000:.0f} ms of training per digits epoch; a ratio <= 1.02 needs runs "

@@ -208,7 +208,7 @@ def test_metrics_and_plots_as_dvc_shows_them(repro):
 
     plots = json.loads(sh(tool("dvc"), "plots", "show", "--json", cwd=dest).stdout)["data"]
     assert set(plots) == {
-        "Loss", "Accuracy", "Confusion matrix (test split)", "reports/train/learning_curve.png",
+        "Loss", "Accuracy", "Confusion matrix (test split)", "reports/evaluate/learning_curve.png",
         "reports/evaluate/confusion_matrix.png", "reports/evaluate/misclassified.png",
     }
     # train and val on one plot each: several y columns of history.csv

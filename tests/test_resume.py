@@ -189,11 +189,11 @@ log_epochs, log_model, save = tracking.log_epochs, tracking.log_model, train.Che
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
-def dying_log_epochs(rows):  # the metrics of the epochs a checkpoint has just written
+def dying_log_epochs(rows, tags=None):  # the metrics of epochs a checkpoint has written
     epochs = [row["epoch"] for row in rows]
     if WHERE == "before metrics" and EPOCH in epochs:
         die()
-    log_epochs(rows)
+    log_epochs(rows, tags)
     if WHERE == "after metrics" and EPOCH in epochs:
         die()
 
@@ -251,10 +251,11 @@ def _logged_models(run_id: str) -> list:
     return client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
 
 
-def _running_run(experiment: str) -> str:
+def _running_run(experiment: str, status: str = "RUNNING") -> str:
+    """The experiment's one run, in `status` (RUNNING: what kill -9 leaves behind)."""
     exp = MlflowClient().get_experiment_by_name(experiment)
     runs = MlflowClient().search_runs([exp.experiment_id])
-    assert [r.info.status for r in runs] == ["RUNNING"]  # what kill -9 leaves behind
+    assert [r.info.status for r in runs] == [status]
     return runs[0].info.run_id
 
 
@@ -330,6 +331,32 @@ def test_kill_9_inside_train_then_rerun_logs_everything_once(project, where, epo
     assert len(_logged_models(run_id)) == 1
     if where == "between checkpoints":
         _assert_same_as_uninterrupted(project, cfg, [])
+
+
+def test_a_failure_after_training_ends_the_run_failed_with_every_epoch(project, monkeypatch):
+    """The last checkpoint's epochs go to MLflow after the model (with publish's tags): when
+    logging the model fails, they still reach the run before it ends FAILED, and the rerun
+    resumes from that checkpoint and logs none twice."""
+    from reprolab import tracking
+
+    cfg = project("tracking.experiment=publish-fails", NEVER)
+
+    def failing_log_model(*args, **kwargs):
+        raise RuntimeError("the artifact store is full")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(tracking, "log_model", failing_log_model)
+        with pytest.raises(RuntimeError, match="artifact store is full"):
+            train.run(cfg)
+    run_id = _running_run("publish-fails", "FAILED")
+    state = torch.load(cfg.checkpoint_file, weights_only=True)
+    assert state["epoch"] == 3
+    _assert_each_epoch_once(run_id, state["history"])
+
+    result = train.run(cfg)
+    assert result.run_id == run_id and MlflowClient().get_run(run_id).info.status == "FINISHED"
+    _assert_each_epoch_once(run_id, result.history)
+    assert len(_logged_models(run_id)) == 1
 
 
 def test_checkpoint_of_a_changed_config_ends_its_run_killed(project):

@@ -95,7 +95,7 @@ def test_train_evaluate_register_on_one_run(project):
         sum(p.numel() for p in result.model.parameters())
     )
     artifacts = {a.path for a in MlflowClient().list_artifacts(result.run_id)}
-    assert {"history.csv", "learning_curve.png", "config.yaml"} <= artifacts
+    assert {"history.csv", "config.yaml"} <= artifacts
     assert not cfg.checkpoint_file.exists()  # finished: no resume checkpoint left
     history = MlflowClient().get_metric_history(result.run_id, "val/accuracy")
     assert [m.step for m in history] == [1, 2, 3]
@@ -122,6 +122,12 @@ def test_train_evaluate_register_on_one_run(project):
     hand_accuracy = sum(r["actual"] == r["predicted"] for r in preds) / len(preds)
     assert metrics["accuracy"] == pytest.approx(hand_accuracy)
     assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    # the learning curve is drawn here from history.csv (train imports no matplotlib)
+    assert (out / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+    evaluation_artifacts = {a.path for a in MlflowClient().list_artifacts(result.run_id,
+                                                                          "evaluate")}
+    assert {"evaluate/learning_curve.png", "evaluate/confusion_matrix.png"} <= \
+        evaluation_artifacts
     per_class = read_json(out / "per_class.json")
     assert set(per_class) == {str(d) for d in range(10)}
     assert sum(c["support"] for c in per_class.values()) == len(test)
@@ -162,6 +168,19 @@ def test_evaluate_and_register_refuse_a_run_missing_from_the_store(project):
     # a model of its own (no other test trains this one): no other run has its hash
     cfg = project("tracking.experiment=missing-run", "train.epochs=1", "train.lr=0.00123")
     train.run(cfg)
+    # evaluate draws the learning curve from train's history.csv: a missing or torn one is
+    # refused before anything is written
+    history = cfg.history_file.read_text()
+    for text, why in ((None, "history.csv: missing; train writes it with the model"),
+                      (history[: len(history) // 2] + "x\n", "history.csv: not train's history"),
+                      (history.splitlines()[0] + "\n", "history.csv: no epochs in it")):
+        cfg.history_file.unlink(missing_ok=True)
+        if text is not None:
+            cfg.history_file.write_text(text)
+        with pytest.raises(DataError, match=why):
+            evaluate.run(cfg)
+        assert not cfg.report_dir("evaluate").exists()
+    cfg.history_file.write_text(history)
     # as if models/ came from elsewhere (a DVC remote): no run in this store wrote this model
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     MlflowClient().delete_tag(training_run_id(cfg), "model.sha256")

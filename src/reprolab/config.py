@@ -362,6 +362,11 @@ with warnings.catch_warnings():
             """Which model evaluate measured (sha256): register checks it is the one in models/."""
             return self.report_dir("evaluate") / "evaluated.json"
 
+        @property
+        def history_file(self) -> Path:
+            """train's metrics per epoch: evaluate draws the learning curve from them."""
+            return self.report_dir("train") / "history.csv"
+
         def report_dir(self, stage: str) -> Path:
             return self._path(self.paths.reports) / stage
 

@@ -1,4 +1,5 @@
-"""evaluate stage: test-split metrics with scikit-learn, the confusion matrix, all on the run."""
+"""evaluate stage: test-split metrics with scikit-learn, the confusion matrix and the learning
+curve, all on the training run."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ PER_CLASS_FILE = "per_class.json"
 PREDICTIONS_FILE = "predictions.csv"
 CONFUSION_PNG = "confusion_matrix.png"
 MISCLASSIFIED_PNG = "misclassified.png"
+CURVE_PNG = "learning_curve.png"
 
 
 def classification_metrics(
@@ -134,6 +136,49 @@ def write_misclassified_png(
     return len(wrong)
 
 
+def read_history(path: Any) -> list[dict[str, float]]:
+    """train's history.csv: one row of numbers per epoch."""
+    from reprolab.errors import DataError
+
+    try:
+        with open(path, newline="") as fh:
+            rows = [{key: float(value) for key, value in row.items()} for row in csv.DictReader(fh)]
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing; train writes it with the model: `reprolab train` (or "
+                        "`dvc repro`)") from None
+    except (ValueError, TypeError, csv.Error) as exc:
+        raise DataError(f"{path}: not train's history (a row of numbers per epoch): "
+                        f"{str(exc).splitlines()[0]}") from None
+    if not rows:
+        raise DataError(f"{path}: no epochs in it; train again: `reprolab train`")
+    return rows
+
+
+def write_learning_curve(path: Any, history: list[dict[str, float]]) -> None:
+    """Loss and accuracy per epoch, side by side. Drawn here, not by train: restyling it reruns
+    no training, and `reprolab train` neither imports matplotlib nor pays for the drawing. A
+    Figure of its own (no pyplot), a fixed layout and fixed legend corners: tight_layout and the
+    search for the best legend spot took 40% of the plot's time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    epochs = [row["epoch"] for row in history]
+    fig = Figure(figsize=(9, 3.5))
+    left, right = fig.subplots(1, 2)
+    for ax, title, corner in ((left, "loss", "upper right"), (right, "accuracy", "lower right")):
+        for split in ("train", "val"):
+            ax.plot(epochs, [row[f"{split}/{title}"] for row in history], label=f"{split}/{title}")
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.legend(loc=corner)
+        ax.grid(alpha=0.3)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.14, top=0.91, wspace=0.2)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+
+
 def run(cfg: Config) -> dict[str, float]:
     from reprolab import tracking
     from reprolab.data import load_meta, load_split
@@ -147,6 +192,7 @@ def run(cfg: Config) -> dict[str, float]:
                f"the {meta['dataset']} test split", "train on this data first: `reprolab train` "
                "(or `dvc repro`)")
     model_hash = sha256_file(cfg.model_file)
+    history = read_history(cfg.history_file)  # before any output: a missing one is one line
     tracking.configure(cfg)
     run_info = tracking.training_run_for(cfg.model_file, model_hash, cfg.tracking.experiment)
     started = time.perf_counter()
@@ -164,6 +210,7 @@ def run(cfg: Config) -> dict[str, float]:
     write_text(out / PREDICTIONS_FILE, predictions_csv(y_true, y_pred, classes))
     write_confusion_png(out / CONFUSION_PNG, y_true, y_pred, classes)
     write_misclassified_png(out / MISCLASSIFIED_PNG, test.x.numpy(), y_true, y_pred, classes)
+    write_learning_curve(out / CURVE_PNG, history)
 
     # Throughput is logged, not put in metrics.json: it is noise in `dvc metrics diff`.
     tracking.log_evaluation(
@@ -172,7 +219,7 @@ def run(cfg: Config) -> dict[str, float]:
         (test.x.numpy(), y_true, f"{meta['dataset']}-test", cfg.paths.processed,
          meta["split_sha256"]["test"]),
         [cfg.metrics_file, *(out / name for name in (PER_CLASS_FILE, CONFUSION_PNG,
-                                                     MISCLASSIFIED_PNG))],
+                                                     MISCLASSIFIED_PNG, CURVE_PNG))],
         artifact_path="evaluate",
     )
     log.info("evaluate: %s", metrics)

@@ -50,8 +50,7 @@ def configure(cfg: Config, parent_run: str | None = None) -> str:
         experiment_id = MlflowClient().get_run(parent_run or _project_run).info.experiment_id
     else:
         experiment_id = _experiment_named(cfg)
-    mlflow.set_experiment(experiment_id=experiment_id)
-    experiment = MlflowClient().get_experiment(experiment_id)
+    experiment = mlflow.set_experiment(experiment_id=experiment_id)
     if EXPERIMENT_KIND_TAG not in experiment.tags:
         MlflowClient().set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment_id
@@ -253,12 +252,12 @@ def _dataset(features: Any, targets: Any, name: str, source: str, digest: str) -
         )
 
 
-def log_dataset(features: Any, targets: Any, name: str, source: str, digest: str,
-                context: str = "training") -> None:
-    """A split as the active run's input, with MLflow's dataset context (`training`,
-    `validation`): `source` is repository-relative and `digest` the split's sha256, so two clones
-    log the same dataset."""
-    mlflow.log_input(_dataset(features, targets, name, source, digest), context=context)
+def log_datasets(splits: list[tuple[Any, Any, str, str, str, str]]) -> None:
+    """Splits as the active run's inputs, in one call: each (features, targets, name, source,
+    digest, context), with MLflow's dataset context (`training`, `validation`). `source` is
+    repository-relative and `digest` the split's sha256, so two clones log the same dataset."""
+    mlflow.log_inputs([_dataset(*split[:5]) for split in splits],
+                      contexts=[split[5] for split in splits], tags_list=[None] * len(splits))
 
 
 def log_evaluation(run_id: str, model_uri: str, metrics: dict[str, float],
@@ -267,7 +266,7 @@ def log_evaluation(run_id: str, model_uri: str, metrics: dict[str, float],
     """Add the test results to the finished training run: the test split as its input (context
     `evaluation`), the metrics linked to the logged model and to that dataset, so that the
     model's page lists them, and the artifacts. `test` is (features, targets, name, source,
-    digest) as for log_dataset."""
+    digest) as for log_datasets."""
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
@@ -572,17 +571,20 @@ def use_store(cfg: Config | None) -> None:
 # ---- training's metrics, off the path of every epoch ----
 
 
-def log_epochs(rows: list[dict[str, float]]) -> None:
+def log_epochs(rows: list[dict[str, float]], tags: dict[str, str] | None = None) -> None:
     """Several epochs' metrics in one call to the active run, each at its row's `epoch` as the
-    step (rows may hold only some metrics). Training calls it at its checkpoints: one call per
-    checkpoint instead of one synchronous call per epoch, and no logging thread (MLflow's
-    asynchronous logging adds up to a second to the end of every run, waiting on its queue)."""
+    step (rows may hold only some metrics), with `tags` if any. Training calls it at its
+    checkpoints: one call per checkpoint instead of one synchronous call per epoch, and no
+    logging thread (MLflow's asynchronous logging adds up to a second to the end of every run,
+    waiting on its queue)."""
     import time
 
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, RunTag
 
     now = int(time.time() * 1000)
     metrics = [Metric(key, float(value), now, int(row["epoch"]))
                for row in rows for key, value in row.items() if key != "epoch"]
-    if metrics:
-        MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=metrics)
+    run_tags = [RunTag(key, str(value)) for key, value in (tags or {}).items()]
+    if metrics or run_tags:
+        MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=metrics,
+                                 tags=run_tags)

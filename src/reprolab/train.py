@@ -69,8 +69,6 @@ from reprolab.recipe import hyper_for, run_name, spec_for
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
-HISTORY_FILE = "history.csv"
-CURVE_FILE = "learning_curve.png"
 # Timings vary run to run: MLflow has them; history.csv, a DVC output, does not.
 VOLATILE = ("train/epoch_seconds", "train/images_per_second")
 # The `reprolab train` that launched torchrun's ranks (its pid) holds the train lock for them.
@@ -107,32 +105,6 @@ def history_csv(history: list[dict[str, float]]) -> str:
     writer.writeheader()
     writer.writerows(history)
     return out.getvalue()
-
-
-def write_learning_curve(path: Path, history: list[dict[str, float]]) -> None:
-    """Loss and accuracy per epoch, side by side. A Figure of its own (no pyplot), a fixed
-    layout and fixed legend corners: tight_layout and the search for the best legend spot
-    took 40% of the plot's time, which every training run pays (benchmarks/bench_tracking.py)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    epochs = [row["epoch"] for row in history]
-    fig = Figure(figsize=(9, 3.5))
-    left, right = fig.subplots(1, 2)
-    for key in ("train/loss", "val/loss"):
-        left.plot(epochs, [row[key] for row in history], label=key)
-    for key in ("train/accuracy", "val/accuracy"):
-        right.plot(epochs, [row[key] for row in history], label=key)
-    for ax, title, corner in ((left, "loss", "upper right"), (right, "accuracy", "lower right")):
-        ax.set_xlabel("epoch")
-        ax.set_title(title)
-        ax.legend(loc=corner)
-        ax.grid(alpha=0.3)
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.14, top=0.91, wspace=0.2)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
 
 
 def checkpoint_identity(cfg: Config, hyper: Hyper, meta: dict[str, Any], ranks: int) -> str:
@@ -272,21 +244,35 @@ class Checkpointer:
         else:  # its tensors are the live ones, which the next epoch changes
             self.waiting = frozen(state)
 
-    def write(self, state: dict[str, Any]) -> None:
+    def write(self, state: dict[str, Any], log_epochs: bool = True) -> None:
         with atomic_path(self.path) as tmp:
             torch.save({**state, **self.stamp}, tmp)
         self.written, self.waiting = time.monotonic(), None
-        # after the checkpoint that holds them: see above
-        tracking.log_epochs([row for row in state.get("history", [])
-                             if row["epoch"] > self.logged])
-        self.logged = max(self.logged, state["epoch"])
+        if log_epochs:  # after the checkpoint that holds them: see above
+            self.log(state.get("history", []))
 
-    def flush(self, failing: bool = False) -> None:
+    def log(self, history: list[dict[str, float]], tags: dict[str, str] | None = None,
+            failing: bool = False) -> None:
+        """The epochs of `history` that MLflow lacks (the checkpoint on disk holds them all), and
+        `tags`, in one call. While another error ends training, a failure here (the store, which
+        that error most likely names already) is only logged at INFO; the checkpoint holds the
+        epochs and the rerun logs them (log_missing_epochs)."""
+        try:
+            tracking.log_epochs([row for row in history if row["epoch"] > self.logged], tags)
+        except Exception as exc:
+            if not failing:
+                raise
+            log.info("could not log the last epochs: %s", str(exc).splitlines()[0])
+            return
+        self.logged = max([self.logged, *(row["epoch"] for row in history)])
+
+    def flush(self, failing: bool = False, log_epochs: bool = True) -> None:
         """Write the waiting state. While another error ends training, a failure here (the
-        disk, the store) is logged and that error stays the one reported."""
+        disk, the store) is logged and that error stays the one reported. `log_epochs=False`:
+        its epochs wait for the caller's `log`."""
         try:
             if self.waiting is not None:
-                self.write(self.waiting)
+                self.write(self.waiting, log_epochs)
         except Exception as exc:
             if not failing:
                 raise
@@ -363,8 +349,13 @@ def train_locked(cfg: Config, device: torch.device, progress: bool) -> TrainResu
         model_uri = ""
         if rank == 0:
             example = val_split.x[:4].cpu().numpy().astype(np.float32)
-            model_uri = publish(cfg, spec, model, result, example, meta["classes"], run_id,
-                                reuse=resume is not None and resume["run_id"] == run_id)
+            try:
+                model_uri = publish(cfg, spec, model, result, example, meta["classes"], run_id,
+                                    reuse=resume is not None and resume["run_id"] == run_id,
+                                    saver=saver)
+            except BaseException:  # the run ends FAILED or KILLED with every epoch in it
+                saver.log(result.history, failing=True)
+                raise
     if rank == 0:
         cfg.checkpoint_file.unlink(missing_ok=True)  # finished: models/ holds the result
     return TrainResult(run_id, model_uri, hyper, result, model)
@@ -398,12 +389,11 @@ def recorded(cfg: Config, meta: dict[str, Any], model: torch.nn.Module, splits: 
             tracking.log_params({**cfg.flat(), **ranks_tags,
                                  "train.hparams_source": "tune" if cfg.train.use_tuned else
                                  "params", "model.parameters": count_parameters(model)})
-            train_split, val_split = splits
-            for split, data, context in (("train", train_split, "training"),
-                                         ("val", val_split, "validation")):
-                tracking.log_dataset(data.x.cpu().numpy(), data.y.cpu().numpy(),
-                                     f"{meta['dataset']}-{split}", cfg.paths.processed,
-                                     meta["split_sha256"][split], context)
+            tracking.log_datasets([
+                (data.x.cpu().numpy(), data.y.cpu().numpy(), f"{meta['dataset']}-{split}",
+                 cfg.paths.processed, meta["split_sha256"][split], context)
+                for (split, context), data in zip((("train", "training"), ("val", "validation")),
+                                                  splits, strict=True)])
             if (cfg.base_dir / "dvc.lock").is_file():  # the pipeline state the run belongs to
                 tracking.log_artifact(cfg.base_dir / "dvc.lock")
         if resume:  # also into a new run when the checkpoint's run is not in this store
@@ -416,7 +406,9 @@ def fit_saving(model: torch.nn.Module, train: Any, val: Any, hyper: Hyper,
                ) -> FitResult:
     """fit(), resumed from the checkpoint's state if it holds one; on rank 0 with the
     checkpoints: one at the start that names the run (so that a kill before the first timed
-    one still resumes the same run), the timed ones, and one at the end or on the way out."""
+    one still resumes the same run), the timed ones, and one at the end or on the way out. The
+    epochs of the one at the end go to MLflow with publish's tags, after the model: MLflow's
+    log_model reads back every metric the run holds to link some to the model."""
     state = resume if resume and resume["epoch"] else None
     if saver is None:
         return fit(model, train, val, hyper, state=state, progress=progress)
@@ -427,25 +419,26 @@ def fit_saving(model: torch.nn.Module, train: Any, val: Any, hyper: Hyper,
     except BaseException:
         saver.flush(failing=True)
         raise
-    saver.flush()
+    saver.flush(log_epochs=False)
     return result
 
 
 def publish(cfg: Config, spec: dict[str, Any], model: torch.nn.Module, result: FitResult,
-            example: np.ndarray, classes: list[str], run_id: str, reuse: bool) -> str:
+            example: np.ndarray, classes: list[str], run_id: str, reuse: bool,
+            saver: Checkpointer) -> str:
     """Rank 0, after training: the logged model (the plain module, probabilities out), the DVC
-    outputs, and the tags and artifacts that tie them to the run; -> the model's URI."""
+    outputs, and the tags and artifacts that tie them to the run, with the last epochs'
+    metrics; -> the model's URI."""
     # A rerun after a kill between logging the model and finishing finds it logged already.
     model_uri = tracking.logged_model_uri(run_id) if reuse else None
     if model_uri is None:
         model_uri = tracking.log_model(with_probabilities(model), example, classes)
     model_hash = write_outputs(cfg, spec, model, result.history)
     # the DVC outputs name no run: evaluate and register find it by the model's content
-    tracking.set_tags({"best_epoch": str(result.best_epoch),
-                       tracking.MODEL_HASH_TAG: model_hash,
-                       tracking.MODEL_URI_TAG: model_uri})
-    for path in (cfg.report_dir("train") / HISTORY_FILE, cfg.report_dir("train") / CURVE_FILE,
-                 cfg.models_dir / CONFIG_FILE):
+    saver.log(result.history, tags={"best_epoch": str(result.best_epoch),
+                                    tracking.MODEL_HASH_TAG: model_hash,
+                                    tracking.MODEL_URI_TAG: model_uri})
+    for path in (cfg.history_file, cfg.models_dir / CONFIG_FILE):
         tracking.log_artifact(path)
     return model_uri
 
@@ -466,8 +459,7 @@ def write_outputs(
         save_checkpoint(tmp / cfg.model_file.name, spec, model)
         model_hash = sha256_file(tmp / cfg.model_file.name)
         write_yaml(tmp / CONFIG_FILE, cfg.as_dict())
-    write_text(cfg.report_dir("train") / HISTORY_FILE, history_csv(history))
-    write_learning_curve(cfg.report_dir("train") / CURVE_FILE, history)
+    write_text(cfg.history_file, history_csv(history))
     return model_hash
 
 
