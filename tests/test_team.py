@@ -165,9 +165,9 @@ def _race(machines, name: str, seed: int) -> list[subprocess.CompletedProcess]:
             args += ["-S", item]
         procs.append(subprocess.Popen(args, cwd=cfg.base_dir, env=dict(os.environ),
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for proc in procs:
-        proc.communicate(timeout=300)
-    return procs
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    return [subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+            for proc, (out, err) in zip(procs, outputs, strict=True)]
 
 
 @pytest.mark.parametrize("seed", [1, 2])
@@ -229,11 +229,11 @@ def test_a_promotion_by_hand_races_registrations_and_the_next_register_keeps_it(
     # every machine registers while someone promotes v1 (poor) by hand, in any interleaving
     promoter = [sys.executable, "-c", RACER, "7", "promote", "-q", "--params",
                 str(poor.base_dir / "params.yaml"), name, "1"]
-    procs = [subprocess.Popen(promoter, cwd=poor.base_dir, env=dict(os.environ),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
-    procs += _race(machines, name, seed=3)
-    procs[0].communicate(timeout=300)
-    for proc in procs:
+    promoting = subprocess.Popen(promoter, cwd=poor.base_dir, env=dict(os.environ),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = _race(machines, name, seed=3)
+    out, err = promoting.communicate(timeout=300)
+    for proc in [subprocess.CompletedProcess(promoter, promoting.returncode, out, err), *procs]:
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     client = MlflowClient()
