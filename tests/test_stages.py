@@ -173,7 +173,9 @@ def test_evaluate_and_register_refuse_a_run_missing_from_the_store(project):
     history = cfg.history_file.read_text()
     for text, why in ((None, "history.csv: missing; train writes it with the model"),
                       (history[: len(history) // 2] + "x\n", "history.csv: not train's history"),
-                      (history.splitlines()[0] + "\n", "history.csv: no epochs in it")):
+                      (history.splitlines()[0] + "\n", "history.csv: no epochs in it"),
+                      (history.replace("val/loss", "val/los"),
+                       "history.csv: not train's history: no column val/loss")):
         cfg.history_file.unlink(missing_ok=True)
         if text is not None:
             cfg.history_file.write_text(text)

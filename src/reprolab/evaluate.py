@@ -136,13 +136,21 @@ def write_misclassified_png(
     return len(wrong)
 
 
+CURVE_COLUMNS = ("epoch", "train/loss", "val/loss", "train/accuracy", "val/accuracy")
+
+
 def read_history(path: Any) -> list[dict[str, float]]:
-    """train's history.csv: one row of numbers per epoch."""
+    """train's history.csv: one row of numbers per epoch, with the learning curve's columns."""
     from reprolab.errors import DataError
 
     try:
         with open(path, newline="") as fh:
-            rows = [{key: float(value) for key, value in row.items()} for row in csv.DictReader(fh)]
+            reader = csv.DictReader(fh)
+            missing = [key for key in CURVE_COLUMNS if key not in (reader.fieldnames or [])]
+            if missing:
+                raise DataError(f"{path}: not train's history: no column {', '.join(missing)}; "
+                                "train again: `reprolab train`")
+            rows = [{key: float(value) for key, value in row.items()} for row in reader]
     except FileNotFoundError:
         raise DataError(f"{path}: missing; train writes it with the model: `reprolab train` (or "
                         "`dvc repro`)") from None
