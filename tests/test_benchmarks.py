@@ -148,3 +148,37 @@ def test_stage_timer_splits_a_command_and_the_shim_adds_its_wall_time(tmp_path):
     assert split["wall"] == wall_line["wall"]
     parts = split["start"] + split["imports"] + split["store"] + split["work"] + split["exit"]
     assert parts == pytest.approx(split["wall"])
+
+
+def test_the_in_run_tracking_target_holds_only_if_every_tracked_run_meets_it():
+    import bench_tracking
+
+    samples = {"A": [10.1, 10.1, 10.1], "A work": [10.0, 10.0, 10.0], "B": [9.0, 11.0, 10.0],
+               "A'": [10.1, 10.1, 10.5], "A' work": [10.0, 10.0, 10.0]}
+    row = bench_tracking.in_run_row(samples, "x", "<= 1.02")
+    assert row.ratio == pytest.approx(1.01) and row.control == pytest.approx(1.0)
+    assert row.met is False  # one A' run took 1.05x its bare-loop work
+    samples["A'"][2] = 10.2
+    assert bench_tracking.in_run_row(samples, "x", "<= 1.02").met is True
+
+
+def test_the_in_run_split_times_the_bare_loops_work_inside_real_tracked_runs(tmp_path,
+                                                                             monkeypatch):
+    """Two real `reprolab train` runs and a bare loop: one bare-work time per tracked run, less
+    than its wall time by what tracking took; train's functions are themselves again after."""
+    import bench_tracking
+
+    from reprolab import train
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # pipeline_project points it at its own store
+    config = harness.pipeline_project(tmp_path, "train.use_tuned=false", "train.device=cpu")
+    originals = (train.load_training_data, train.build, train.fit, train.Checkpointer.__call__)
+    with bench_tracking.BareWork() as bare_work:
+        samples = bench_tracking.measured(config, 2, 0, 1, bare_work)
+    assert (train.load_training_data, train.build, train.fit,
+            train.Checkpointer.__call__) == originals
+    assert len(bare_work.seconds) == 2
+    for key in ("A", "A'"):
+        (total,), (work,) = samples[key], samples[f"{key} work"]
+        assert 0 < work < total  # the run, its model, its outputs took the rest
+    assert (config().models_dir / "model.pt").is_file()
