@@ -162,6 +162,18 @@ def test_two_workers_on_postgresql(project, postgres_url):
     assert retry.params == trials[killed].params
 
 
+def _await_training(cfg, number: int, timeout: float = 60) -> None:
+    """Until trial `number`'s MLflow run holds its params: its worker has made the run's writes
+    and is training (its next write comes at the end of the first epoch). A worker stopped
+    inside a write to a SQLite MLflow store holds the store's lock until it goes on (README,
+    Tuning on several machines), which is not what this test is about."""
+    run_id = _study(cfg).get_trials(deepcopy=False)[number].user_attrs[RUN]
+    deadline = time.monotonic() + timeout
+    while not MlflowClient().get_run(run_id).data.params:
+        assert time.monotonic() < deadline, "the trial's run never got its params"
+        time.sleep(0.01)
+
+
 def _continue_once_failed(cfg, proc, number: int, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -173,7 +185,7 @@ def _continue_once_failed(cfg, proc, number: int, timeout: float = 120) -> None:
 
 @pytest.mark.slow
 def test_a_stopped_worker_goes_on_after_its_trial_was_retried(project, postgres_url):
-    """SIGSTOP of a `--worker` inside a trial, SIGCONT once its heartbeat went stale and the
+    """SIGSTOP of a `--worker` training a trial, SIGCONT once its heartbeat went stale and the
     trial was failed (heartbeat 1 s, failed after 3 s): the stage's process retries and finishes
     the budget; the resumed worker finds its trial failed, leaves it so and ends cleanly."""
     overrides = [f"tune.storage={postgres_url}", "tune.heartbeat_s=1", "tune.n_trials=4",
@@ -182,6 +194,7 @@ def test_a_stopped_worker_goes_on_after_its_trial_was_retried(project, postgres_
     proc = _start_worker(cfg, overrides)
     try:
         stopped = _await_trial_of(cfg, proc)
+        _await_training(cfg, stopped)
         os.kill(proc.pid, signal.SIGSTOP)
         # SIGCONT once the trial was failed under it (not after a fixed time: on a loaded
         # machine the stage's process may take longer than the pause to notice)
