@@ -120,10 +120,17 @@ def measured(config, epochs: int, warmup: int, rounds: int, bare_work: BareWork
     return {**samples, "A work": inside[0::2], "A' work": inside[1::2]}
 
 
-def run_ratios(samples: dict[str, list[float]], key: str = "both") -> list[float]:
-    """Each tracked run of side `key` ("A", "A'" or both) over the bare loop's work inside it."""
+def tracked_runs(samples: dict[str, list[float]], key: str = "both"
+                 ) -> list[tuple[float, float]]:
+    """(wall time, the bare loop's work inside it) of each tracked run of side `key` ("A", "A'"
+    or both)."""
     keys = ("A", "A'") if key == "both" else (key,)
-    return [t / f for k in keys for t, f in zip(samples[k], samples[f"{k} work"], strict=True)]
+    return [pair for k in keys for pair in zip(samples[k], samples[f"{k} work"], strict=True)]
+
+
+def run_ratios(samples: dict[str, list[float]], key: str = "both") -> list[float]:
+    """Each tracked run of side `key` over the bare loop's work inside it."""
+    return [total / work for total, work in tracked_runs(samples, key)]
 
 
 def in_run_row(samples: dict[str, list[float]], name: str, target: str) -> Row:
@@ -151,8 +158,7 @@ def side_row(samples: dict[str, list[float]], name: str) -> Row:
 
 def in_run_cost(samples: dict[str, list[float]]) -> float:
     """Median over the tracked runs of their time outside the bare loop's work."""
-    return median([t - f for key in ("A", "A'")
-                   for t, f in zip(samples[key], samples[f"{key} work"], strict=True)])
+    return median([total - work for total, work in tracked_runs(samples)])
 
 
 def paired_cost(samples: dict[str, list[float]]) -> float:
