@@ -19,7 +19,7 @@ def main() -> list[Row]:
     from torchvision.transforms import v2
 
     from reprolab.data import Split
-    from reprolab.engine import batches_of
+    from reprolab.data.batches import batches_of
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (N, 3, 32, 32), dtype=torch.uint8, generator=gen)

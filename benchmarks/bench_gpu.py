@@ -62,7 +62,8 @@ def time_to_accuracy(device, mnist: Path, target: float) -> Row | None:
     from reprolab import recipe
     from reprolab.data import load_split, load_training_data
     from reprolab.data.torchvision_sets import SPECS, missing_files
-    from reprolab.engine import evaluate, fit, seed_everything
+    from reprolab.device import seed_everything
+    from reprolab.engine import evaluate, fit
     from reprolab.models import build
 
     root = Path(tempfile.mkdtemp(prefix="bench-gpu-"))

@@ -35,7 +35,9 @@ def worker(out: Path, device_name: str, images: int, batch: int, threads: int) -
     import workloads
 
     from reprolab.data import Split
-    from reprolab.engine import Hyper, fit, select_device, select_precision, start_distributed
+    from reprolab.ddp import start_distributed
+    from reprolab.device import select_device, select_precision
+    from reprolab.engine import Hyper, fit
     from reprolab.models import build, model_spec
 
     device = start_distributed(select_device(device_name))

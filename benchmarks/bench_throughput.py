@@ -135,7 +135,8 @@ class Workload:
         images per second and records the test accuracy under `label`. `subset` > 0 trains
         on that many images only (a warm-up, not recorded)."""
         from reprolab import recipe
-        from reprolab.engine import evaluate, fit, select_device
+        from reprolab.device import select_device
+        from reprolab.engine import evaluate, fit
         from reprolab.models import build
 
         hyper = recipe.hyper_for(self.cfg, self.epochs, select_device("cpu"),
@@ -180,7 +181,7 @@ class Workload:
 def prepare(label: str, epochs: int, workload: Any = None) -> Workload:
     from reprolab import recipe
     from reprolab.data import load_split, load_training_data
-    from reprolab.engine import seed_everything, select_device
+    from reprolab.device import seed_everything, select_device
     from reprolab.models import build
 
     root = scratch(f"bench-throughput-{label}-")
@@ -263,7 +264,7 @@ def precision_row(samples: dict[str, list[float]], default: str, what: str, targ
 
 def precision_in_use(w: Workload) -> str:
     from reprolab import recipe
-    from reprolab.engine import select_device
+    from reprolab.device import select_device
 
     return recipe.hyper_for(w.cfg, w.epochs, select_device("cpu"),
                             list(w.train.x.shape[1:])).precision
@@ -285,7 +286,7 @@ def realistic_rows(name: str) -> list[Row]:
     rotating order every round; -> the speed and accuracy rows of both comparisons."""
     import workloads
 
-    from reprolab.engine import cpu_has_native_bf16
+    from reprolab.device import cpu_has_native_bf16
 
     shape = workloads.SHAPES[name].scaled(SCALE)
     w = prepare(name, REALISTIC_EPOCHS, shape)

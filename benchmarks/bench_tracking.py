@@ -52,12 +52,12 @@ class BareWork:
     the `with` block runs."""
 
     def __enter__(self) -> BareWork:
-        from reprolab import train
+        from reprolab import checkpoint, train
 
         self.seconds: list[float] = []  # one per tracked run, in order
         self.work = self.in_callback = 0.0
         load, build, fit, call = self.originals = (
-            train.load_training_data, train.build, train.fit, train.Checkpointer.__call__)
+            train.load_training_data, train.build, checkpoint.fit, train.Checkpointer.__call__)
 
         def timing(fn, into: str):
             def timed_fn(*args, **kwargs):
@@ -76,13 +76,13 @@ class BareWork:
                 self.work = self.in_callback = 0.0
 
         train.load_training_data, train.build = timing(load, "work"), timing(build, "work")
-        train.fit, train.Checkpointer.__call__ = timed_fit, timing(call, "in_callback")
+        checkpoint.fit, train.Checkpointer.__call__ = timed_fit, timing(call, "in_callback")
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from reprolab import train
+        from reprolab import checkpoint, train
 
-        (train.load_training_data, train.build, train.fit,
+        (train.load_training_data, train.build, checkpoint.fit,
          train.Checkpointer.__call__) = self.originals
 
 
@@ -90,7 +90,8 @@ def sides(config, epochs: int):
     """(tracked, bare): `reprolab train` in-process, and the same training without tracking."""
     from reprolab import recipe, train
     from reprolab.data import load_training_data
-    from reprolab.engine import fit, seed_everything, select_device
+    from reprolab.device import seed_everything, select_device
+    from reprolab.engine import fit
     from reprolab.models import build
 
     cfg = config(f"train.epochs={epochs}")

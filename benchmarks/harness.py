@@ -32,7 +32,7 @@ REPORTS = Path(os.environ.get("BENCH_REPORTS")
                or REPO / "reports" / "bench" / ("quick" if QUICK else ""))
 sys.path.insert(0, str(REPO / "src"))
 
-from reprolab.io import write_json  # noqa: E402
+from reprolab.files import write_json  # noqa: E402
 
 
 @dataclass

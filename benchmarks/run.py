@@ -22,7 +22,7 @@ if "--quick" in sys.argv[1:]:  # before harness reads it; every benchmark inheri
 
 from harness import QUICK, REPO, REPORTS, load, machine, table  # noqa: E402
 
-from reprolab.io import atomic_path  # noqa: E402
+from reprolab.files import atomic_path  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ORDER = ("tracking", "datapath", "throughput", "pruning", "storage", "noop", "startup", "scaling",

@@ -67,7 +67,7 @@ def processed_once(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def training_run_id(cfg: Config) -> str:
     """The run that trained cfg's models/model.pt, found as evaluate and register find it."""
     from reprolab import tracking
-    from reprolab.io import sha256_file
+    from reprolab.files import sha256_file
 
     digest = sha256_file(cfg.model_file)
     return tracking.training_run_for(cfg.model_file, digest, cfg.tracking.experiment)["run_id"]

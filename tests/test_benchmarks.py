@@ -168,14 +168,14 @@ def test_the_in_run_split_times_the_bare_loops_work_inside_real_tracked_runs(tmp
     than its wall time by what tracking took; train's functions are themselves again after."""
     import bench_tracking
 
-    from reprolab import train
+    from reprolab import checkpoint, train
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # pipeline_project points it at its own store
     config = harness.pipeline_project(tmp_path, "train.use_tuned=false", "train.device=cpu")
-    originals = (train.load_training_data, train.build, train.fit, train.Checkpointer.__call__)
+    originals = (train.load_training_data, train.build, checkpoint.fit, train.Checkpointer.__call__)
     with bench_tracking.BareWork() as bare_work:
         samples = bench_tracking.measured(config, 2, 0, 1, bare_work)
-    assert (train.load_training_data, train.build, train.fit,
+    assert (train.load_training_data, train.build, checkpoint.fit,
             train.Checkpointer.__call__) == originals
     assert len(bare_work.seconds) == 2
     for key in ("A", "A'"):

@@ -185,7 +185,7 @@ def test_a_stage_starts_without_the_garbage_collector_and_turns_it_on_for_its_wo
     import gc
     import types
 
-    from reprolab.io import startup_over
+    from reprolab.lifecycle import startup_over
 
     seen = []
 

@@ -10,7 +10,7 @@ import torch
 
 from reprolab.data import MANIFEST, META, SPLITS, fetch, load_meta, load_split, preprocess
 from reprolab.errors import DataError
-from reprolab.io import read_json, sha256_file
+from reprolab.files import read_json, sha256_file
 
 
 def test_fetch_writes_raw_arrays_and_a_manifest_of_every_file(make_config):

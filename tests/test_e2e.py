@@ -22,7 +22,7 @@ import yaml
 from mlflow import MlflowClient
 
 from reprolab.config import load_config
-from reprolab.io import sha256_file
+from reprolab.files import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -10,20 +10,15 @@ import math
 import pytest
 import torch
 
-from reprolab import engine
+from reprolab import progress
 from reprolab.data import Split, load_training_data
-from reprolab.engine import (
-    Hyper,
-    augment,
-    batches_of,
-    evaluate,
-    fit,
-    make_schedule,
-    seed_everything,
-    share,
-)
+from reprolab.data.batches import augment, batches_of
+from reprolab.ddp import share
+from reprolab.device import seed_everything
+from reprolab.engine import Hyper, evaluate, fit
 from reprolab.errors import TrainingDiverged
 from reprolab.models import MODELS, build, count_parameters, model_spec
+from reprolab.optim import make_schedule
 
 
 def _model(meta, seed=0, name="simple_cnn"):
@@ -203,16 +198,16 @@ def test_ranks_share_each_global_batch_and_its_augmentation(digits):
 
 def test_progress_without_a_terminal_logs_within_an_epoch(digits, monkeypatch, caplog):
     meta, train, val = digits
-    monkeypatch.setattr(engine, "PROGRESS_EVERY_S", 0.0)  # every step, instead of every 30 s
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_S", 0.0)  # every step, instead of every 30 s
     hp = Hyper(optimizer="adam", lr=1e-3, epochs=1, batch_size=256)
-    with caplog.at_level(logging.INFO, logger="reprolab.engine"):
+    with caplog.at_level(logging.INFO, logger="reprolab"):
         fit(_model(meta), train, val, hp, progress=True)  # pytest's stderr is no terminal
     steps = math.ceil(len(train) / 256)
     lines = [r.getMessage() for r in caplog.records if "step " in r.getMessage()]
     assert [line.split()[3] for line in lines] == [f"{s}/{steps}" for s in range(1, steps + 1)]
     assert all(line.startswith("epoch 1/1  step ") and "img/s" in line for line in lines)
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="reprolab.engine"):
+    with caplog.at_level(logging.INFO, logger="reprolab"):
         fit(_model(meta), train, val, hp, progress=False)
     assert not [r for r in caplog.records if "step " in r.getMessage()]
 
@@ -226,7 +221,7 @@ def test_progress_on_a_terminal_draws_bars_and_logs_no_step_lines(digits, monkey
     import threading
 
     meta, train, val = digits
-    monkeypatch.setattr(engine, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_S", 0.0)
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns
     chunks: list[bytes] = []
@@ -246,7 +241,7 @@ def test_progress_on_a_terminal_draws_bars_and_logs_no_step_lines(digits, monkey
     terminal = os.fdopen(slave, "w")
     monkeypatch.setattr("sys.stderr", terminal)
     try:
-        with caplog.at_level(logging.INFO, logger="reprolab.engine"):
+        with caplog.at_level(logging.INFO, logger="reprolab"):
             fit(_model(meta), train, val, Hyper(optimizer="adam", lr=1e-3, epochs=2,
                                                batch_size=256), progress=True)
     finally:
@@ -272,20 +267,19 @@ def test_a_state_saved_at_the_early_stop_resumes_to_the_same_end(digits):
 
 
 def test_sync_batchnorm_stands_in_while_training_and_leaves_plain_batchnorm():
-    from reprolab.engine import _sync_batchnorm
+    from reprolab.ddp import sync_batchnorm, unwrap
 
     torch.manual_seed(0)
     model = build(model_spec("fast_cnn", (3, 16, 16), 10, [0.0] * 3, [1.0] * 3, width=8))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    originals = _sync_batchnorm(model)
+    originals = sync_batchnorm(model)
     assert originals and all(isinstance(m, torch.nn.BatchNorm2d) for m in originals.values())
     assert all(isinstance(model.get_submodule(n), torch.nn.SyncBatchNorm) for n in originals)
     with torch.no_grad():  # training changes the stand-ins' tensors: the originals share them
         for name in originals:
             model.get_submodule(name).weight.add_(1.0)
             model.get_submodule(name).running_mean.add_(2.0)
-    for name, module in originals.items():
-        model.set_submodule(name, module)
+    unwrap(model, originals)
     assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
     for key, value in model.state_dict().items():
         shift = 1.0 if key.endswith(".weight") and key.rsplit(".", 1)[0] in originals else \
@@ -334,11 +328,11 @@ def test_every_model_fits_any_shape_and_trains_one_step(name, shape, classes):
     (False, (1, 28, 28), "fp32"), (False, (1, 8, 8), "fp32")])
 def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16_and_images_not_tiny(
         monkeypatch, native, shape, expected):
-    from reprolab import engine
+    from reprolab import device
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     cpu = torch.device("cpu")
-    assert engine.select_precision("auto", cpu, shape) == expected
+    assert device.select_precision("auto", cpu, shape) == expected
     for forced in ("fp32", "bf16", "fp16"):  # an explicit choice is never second-guessed
-        assert engine.select_precision(forced, cpu, (1, 8, 8)) == forced
+        assert device.select_precision(forced, cpu, (1, 8, 8)) == forced

@@ -21,9 +21,9 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import TINY, training_run_id
-from reprolab import cli, tracking, train
+from reprolab import cli, registry, tracking, train
 from reprolab.data import load_split
-from reprolab.io import interrupt_on_sigterm
+from reprolab.lifecycle import interrupt_on_sigterm
 
 
 def tree(root: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
@@ -132,7 +132,7 @@ def test_a_pickle_format_model_is_refused_and_runs_no_code(project, capsys, tmp_
     assert not marker.exists()
     # the payload is real: opting in for a trusted registry does run it
     with contextlib.suppress(Exception):
-        tracking.load_classifier(info.model_uri, allow_pickle=True)
+        registry.load_classifier(info.model_uri, allow_pickle=True)
     assert marker.exists()
 
 
@@ -271,7 +271,7 @@ def test_a_stage_run_out_of_order_says_what_to_run_first(project, capsys, stage,
 HOLDER = """
 import sys, time
 from pathlib import Path
-from reprolab.io import exclusive_lock
+from reprolab.lifecycle import exclusive_lock
 with exclusive_lock(Path(sys.argv[1])):
     print("held", flush=True)
     time.sleep(600)
@@ -279,7 +279,7 @@ with exclusive_lock(Path(sys.argv[1])):
 
 
 def test_the_lock_names_a_live_holder_and_dies_with_it(tmp_path):
-    from reprolab.io import LockHeld, exclusive_lock, pid_note
+    from reprolab.lifecycle import LockHeld, exclusive_lock, pid_note
 
     lock = tmp_path / "checkpoints" / "train.lock"
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock)], stdout=subprocess.PIPE,

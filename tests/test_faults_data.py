@@ -328,10 +328,10 @@ def fake_model(monkeypatch):
     """A tiny real torch model in place of a registry lookup: predict's own code runs."""
     import torch
 
-    from reprolab import tracking
+    from reprolab import registry
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2), torch.nn.Softmax(1))
-    monkeypatch.setattr(tracking, "load_classifier",
+    monkeypatch.setattr(registry, "load_classifier",
                         lambda *args, **kwargs: (model, (1, 8, 8), ["cat", "dog"]))
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from reprolab.evaluate import classification_metrics, per_class_report, predictions_csv
-from reprolab.register import DATA_TAG, decide
+from reprolab.gate import DATA_TAG, decide
 
 
 def test_classification_metrics_match_hand_computed_values():

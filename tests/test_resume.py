@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 
 from conftest import TINY
 from reprolab import cli, train
+from reprolab.launch import TrainerBusy
 
 # Small batches make an epoch last long enough to be interrupted in the middle of one.
 SLOW = ["train.epochs=4", "train.batch_size=16", "train.schedule=cosine", "data.augment.flip=true"]
@@ -260,11 +261,11 @@ def _running_run(experiment: str, status: str = "RUNNING") -> str:
 
 
 def test_a_held_lock_refuses_train_with_the_holders_pid(project):
-    from reprolab.io import exclusive_lock
+    from reprolab.lifecycle import exclusive_lock
 
     cfg = project("tracking.experiment=lock-held")
     lock, holder = train.lock_file(cfg), rf"\(pid {os.getpid()}\)"
-    with exclusive_lock(lock), pytest.raises(train.TrainerBusy, match=holder) as refused:
+    with exclusive_lock(lock), pytest.raises(TrainerBusy, match=holder) as refused:
         train.run(cfg)
     assert refused.value.exit_code == 2
     assert MlflowClient().get_experiment_by_name("lock-held") is None  # refused before MLflow

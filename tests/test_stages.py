@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from conftest import TINY, training_run_id
 from reprolab import evaluate, register, train, tune
 from reprolab.data import load_split
-from reprolab.io import read_json, sha256_file, write_json
+from reprolab.files import read_json, sha256_file, write_json
 
 
 def _runs(experiment: str, filter_string: str = "") -> list:

@@ -17,8 +17,8 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import TINY
+from reprolab import storage, tune
 from reprolab import study as mechanics
-from reprolab import tune
 from reprolab.errors import ReprolabError
 
 RUN = mechanics.RUN  # the trial user attribute that holds its MLflow run
@@ -360,16 +360,16 @@ def test_repair_journal_cuts_only_a_torn_last_record(tmp_path, tail):
     records = b'{"op_code":0,"study_name":"s"}\n{"op_code":4,"study_id":0}\n'
     journal = tmp_path / "optuna.journal"
     journal.write_bytes(records)
-    assert mechanics.repair_journal(journal) is None  # whole: untouched, no backup
+    assert storage.repair_journal(journal) is None  # whole: untouched, no backup
     assert sorted(p.name for p in tmp_path.iterdir()) == ["optuna.journal"]
 
     journal.write_bytes(records + tail)
-    backup = mechanics.repair_journal(journal)
+    backup = storage.repair_journal(journal)
     assert journal.read_bytes() == records
     assert backup == tmp_path / "optuna.journal.torn-1"
     assert backup.read_bytes() == records + tail
     journal.write_bytes(records + tail)
-    assert mechanics.repair_journal(journal).name == "optuna.journal.torn-2"  # never overwritten
+    assert storage.repair_journal(journal).name == "optuna.journal.torn-2"  # never overwritten
 
 
 def test_outputs_wait_for_trials_running_elsewhere(make_config):

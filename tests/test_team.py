@@ -23,8 +23,8 @@ from conftest import REPO, TINY, training_run_id
 from reprolab import cli, evaluate, predict, register, train
 from reprolab.config import load_config
 from reprolab.data import load_split
-from reprolab.io import sha256_file
-from reprolab.register import replay
+from reprolab.files import sha256_file
+from reprolab.gate import replay
 from servers import BIN, mlflow_server, served_probabilities
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -143,7 +143,7 @@ def test_pipeline_registers_predicts_and_serves_through_a_server(server, machine
 # each step: reading the versions, creating its version, setting an alias.
 RACER = textwrap.dedent("""
     import random, sys, time
-    from reprolab import cli, tracking
+    from reprolab import cli, registry
     rng = random.Random(int(sys.argv[1]))
     def delayed(fn):
         def call(*args, **kwargs):
@@ -151,7 +151,7 @@ RACER = textwrap.dedent("""
             return fn(*args, **kwargs)
         return call
     for step in ("model_versions", "register_version", "set_alias"):
-        setattr(tracking, step, delayed(getattr(tracking, step)))
+        setattr(registry, step, delayed(getattr(registry, step)))
     sys.exit(cli.main(sys.argv[2:]))
 """)
 

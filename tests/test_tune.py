@@ -158,7 +158,7 @@ def test_invalid_space_from_the_command_line_touches_no_storage(tmp_path):
 
 def test_the_study_names_its_objective_and_says_where_its_trials_come_from(project, caplog):
     from reprolab.data import load_meta
-    from reprolab.io import read_json
+    from reprolab.files import read_json
     from reprolab.study import RUN
 
     cfg = project("tracking.experiment=tune-conventions", "tune.n_trials=6", "tune.epochs=2",

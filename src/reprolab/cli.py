@@ -28,7 +28,7 @@ STAGES = {
 # Commands that are not pipeline stages ("module:function" when the function is not `main`).
 TOOLS = {
     "predict": ("reprolab.predict", "class and probability for image files or directories"),
-    "promote": ("reprolab.register:promote_main",
+    "promote": ("reprolab.promote",
                 "make a registered version the champion by hand (lineage checked)"),
     "verify": ("reprolab.verify", "rebuild a registered model from its commit and compare"),
 }
@@ -89,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     # Start-up without the cyclic garbage collector: importing torch, MLflow, scikit-learn and
     # matplotlib makes millions of objects that live as long as the process, and Python rescans
     # them at every full collection, about a quarter of a short stage's wall time
-    # (benchmarks/bench_startup.py). Stages with long work turn it back on when that work begins
-    # (io.startup_over: training epochs, preprocessing); the short ones end first. A caller in
-    # the same process (tests) gets the collector back as it was.
+    # (benchmarks/bench_startup.py). Stages with long work turn it back on when that work
+    # begins (lifecycle.startup_over: training epochs, preprocessing); the short ones end first.
+    # A caller in the same process (tests) gets the collector back as it was.
     collecting = gc.isenabled()
     gc.disable()
     try:

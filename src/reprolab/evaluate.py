@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from reprolab.config import Config
-from reprolab.io import atomic_path, sha256_file, write_json, write_text
+from reprolab.files import atomic_path, sha256_file, write_json, write_text
 
 log = logging.getLogger(__name__)
 

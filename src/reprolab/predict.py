@@ -107,11 +107,11 @@ def load_checkpoint_model(path: Path) -> tuple[Any, tuple[int, ...], list[str]]:
 
 
 def load_model(model_uri: str, allow_pickle: bool) -> tuple[Any, tuple[int, ...], list[str]]:
-    from reprolab import tracking
+    from reprolab import registry
 
     if Path(model_uri).is_file():
         return load_checkpoint_model(Path(model_uri))
-    return tracking.load_classifier(model_uri, allow_pickle)
+    return registry.load_classifier(model_uri, allow_pickle)
 
 
 def read_images(files: list[Path], shape: tuple[int, ...], max_pixels: int | None, invert: bool
@@ -176,10 +176,10 @@ def format_table(predictions: list[Prediction]) -> str:
 def default_model(cfg: Config | None) -> tuple[str, tuple[tuple[int, ...], str] | None]:
     """-> (the champion of this project's registered model, the shape of the project's data when
     preprocess has written it). Refused, naming what to run first, when there is none."""
-    from reprolab import tracking
+    from reprolab import registry, tracking
     from reprolab.data import META
     from reprolab.errors import ConfigError, DataError
-    from reprolab.io import read_json
+    from reprolab.files import read_json
 
     if cfg is None:
         raise ConfigError("no params.yaml here; pass --model URI (models:/NAME@champion,"
@@ -187,7 +187,7 @@ def default_model(cfg: Config | None) -> tuple[str, tuple[tuple[int, ...], str] 
                           "in the project")
     name = cfg.registered_model_name
     tracking.use_store(cfg)
-    if not tracking.model_versions(name):
+    if not registry.model_versions(name):
         raise DataError(
             f"registered model {name!r} has no versions in {cfg.mlflow_uri}; run "
             "`dvc repro` (or train, evaluate and register) first, or pass --model URI"

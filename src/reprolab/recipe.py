@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from reprolab.config import Config
-from reprolab.engine import Hyper, select_precision
+from reprolab.device import select_precision
+from reprolab.engine import Hyper
 from reprolab.models import model_spec
 
 

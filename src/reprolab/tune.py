@@ -23,13 +23,8 @@ from typing import Any
 
 from reprolab.config import Config
 from reprolab.errors import ReprolabError
-from reprolab.io import (
-    exit_with_parent,
-    interrupt_on_sigterm,
-    read_json,
-    write_json,
-    write_yaml,
-)
+from reprolab.files import read_json, write_json, write_yaml
+from reprolab.lifecycle import exit_with_parent, interrupt_on_sigterm
 from reprolab.study import (
     RUN,
     WORKER,
@@ -194,7 +189,8 @@ def make_objective(cfg: Config, meta: dict[str, Any], splits: tuple[Any, Any], d
 
     from reprolab import tracking
     from reprolab.config import with_train
-    from reprolab.engine import fit, seed_everything
+    from reprolab.device import seed_everything
+    from reprolab.engine import fit
     from reprolab.models import build
     from reprolab.recipe import hyper_for, short_lr, spec_for
 
@@ -302,7 +298,7 @@ def _run(cfg: Config, progress: bool, worker_index: int, parent_run_id: str | No
          join: bool, ready: Any) -> dict[str, Any]:
     from reprolab import tracking
     from reprolab.data import load_training_data
-    from reprolab.engine import select_device
+    from reprolab.device import select_device
     from reprolab.errors import TrainingDiverged
 
     n_local = cfg.tune.workers

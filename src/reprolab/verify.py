@@ -26,7 +26,7 @@ import yaml
 from reprolab.config import Config
 from reprolab.data import load_meta, processed_digest
 from reprolab.errors import DataError, ReprolabError
-from reprolab.io import sha256_file
+from reprolab.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def likely_reasons(tags: dict[str, str], config: dict[str, Any], meta: dict[str,
     """What differs between where the version was built and this rebuild."""
     import torch
 
-    from reprolab.engine import select_device
+    from reprolab.device import select_device
 
     here = {
         "params": Config.model_validate(config).params_hash,
@@ -109,10 +109,10 @@ def likely_reasons(tags: dict[str, str], config: dict[str, Any], meta: dict[str,
 
 
 def run(cfg: Config, model_uri: str) -> Verdict:
-    from reprolab import tracking
+    from reprolab import registry, tracking
 
     tracking.configure(cfg)
-    version = tracking.registered_version(model_uri)
+    version = registry.registered_version(model_uri)
     tags = version["tags"]
     registered = tags.get(MODEL_TAG)
     commit = tags.get("git.commit", "none")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from reprolab.errors import DataError
-from reprolab.io import read_json
+from reprolab.files import read_json
 
 SPLITS = ("train", "val", "test")
 META = "meta.json"

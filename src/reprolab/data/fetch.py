@@ -23,7 +23,7 @@ from reprolab.data import (
     torchvision_sets,
 )
 from reprolab.errors import DataError
-from reprolab.io import atomic_dir, sha256_file, write_json
+from reprolab.files import atomic_dir, sha256_file, write_json
 
 
 def build_manifest(root: Path, dataset: str) -> dict[str, Any]:

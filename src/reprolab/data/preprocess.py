@@ -19,7 +19,8 @@ from reprolab.data import (
     torchvision_sets,
 )
 from reprolab.errors import DataError
-from reprolab.io import atomic_dir, read_json, sha256_file, startup_over, write_json
+from reprolab.files import atomic_dir, read_json, sha256_file, write_json
+from reprolab.lifecycle import startup_over
 
 log = logging.getLogger(__name__)
 REPORT_FILE = "report.json"

@@ -1,0 +1,94 @@
+"""`reprolab promote NAME VERSION`: make a registered version the champion by hand, its lineage
+checked, recorded as an event that every later replay of the gate applies where it happened."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from reprolab.config import Config
+from reprolab.errors import DataError
+from reprolab.gate import (
+    DATA_TAG,
+    DATASET_TAG,
+    GATE_DELTA_TAG,
+    GATE_METRIC_TAG,
+    MODEL_DATASET_TAG,
+    MODEL_SHAPE_TAG,
+    PROMOTIONS_TAG,
+    SHAPE_TAG,
+    description,
+    replay,
+)
+from reprolab.register import settle_aliases
+
+
+def check_lineage(name: str, version: dict[str, Any], stored: dict[str, str], metric: str
+                  ) -> None:
+    """The checks register makes, for a version chosen by hand: it carries reprolab's lineage,
+    fits the registered model's dataset and shape, and its training run (FINISHED, in this
+    store) wrote that very model and holds the test metric the version records."""
+    from reprolab import tracking
+
+    number, tags = version["version"], version["tags"]
+    where = f"{name} v{number}"
+    for key in (tracking.MODEL_HASH_TAG, DATA_TAG, f"test/{metric}", "training_run_id"):
+        if key not in tags:
+            raise DataError(f"{where}: no {key} tag (not registered by `reprolab register`); "
+                            "only a version with its lineage can become champion")
+    for key, model_key in ((SHAPE_TAG, MODEL_SHAPE_TAG), (DATASET_TAG, MODEL_DATASET_TAG)):
+        if model_key in stored and tags.get(key) != stored[model_key]:
+            raise DataError(f"{where}: {key} {tags.get(key)}, but registered model {name!r} "
+                            f"holds {stored[model_key]} (its tags); not promoted")
+    run_id = tags["training_run_id"]
+    record = tracking.run_record(run_id)
+    if record is None or record["status"] != "FINISHED":
+        state = "not in this MLflow store" if record is None else record["status"]
+        raise DataError(f"{where}: its training run {run_id} is {state}; not promoted")
+    if record["tags"].get(tracking.MODEL_HASH_TAG) != tags[tracking.MODEL_HASH_TAG]:
+        raise DataError(f"{where}: its training run {run_id} did not write this model "
+                        f"({tracking.MODEL_HASH_TAG} differs); not promoted")
+    logged = record["metrics"].get(f"test/{metric}")
+    if logged is None or abs(logged - float(tags[f"test/{metric}"])) > 1e-6:
+        raise DataError(f"{where}: test/{metric} {tags[f'test/{metric}']} is not what evaluate "
+                        f"logged on run {run_id} ({logged}); not promoted")
+
+
+def promote(name: str, number: str) -> dict[str, Any]:
+    """Make version `number` of `name` the champion, recorded as a promotion tag that every
+    later replay applies where it happened. MLflow must point at the registry's store."""
+    from reprolab import registry
+
+    version = registry.registered_version(f"models:/{name}/{number}")  # refuses a missing one
+    number = version["version"]
+    stored = registry.registered_model_tags(name)
+    metric = stored.get(GATE_METRIC_TAG)
+    if metric is None:
+        raise DataError(f"registered model {name!r}: no {GATE_METRIC_TAG} tag (not created by "
+                        "`reprolab register`); nothing to promote through")
+    min_delta = float(stored.get(GATE_DELTA_TAG, "0"))
+    check_lineage(name, version, stored, metric)
+    versions = registry.model_versions(name)
+    before = replay(versions, metric, min_delta).champion
+    if before != number:
+        after = max(int(v["version"]) for v in versions)
+        when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        entries = f"{version['tags'].get(PROMOTIONS_TAG, '')} {after}@{when}".strip()
+        registry.set_version_tag(name, number, PROMOTIONS_TAG, entries)
+    result, _ = settle_aliases(name, metric, min_delta)
+    return {"model_name": name, "version": number, "previous": before,
+            "champion": result.champion, "challenger": result.challenger,
+            "description": description(number, result)}
+
+
+def main(cfg: Config | None, args: Any) -> int:
+    from reprolab import tracking
+
+    tracking.use_store(cfg)
+    d = promote(args.name, args.version)
+    if d["previous"] == d["version"]:
+        print(f"promote: {d['model_name']} v{d['version']} is already @champion")
+        return 0
+    was = f" (was v{d['previous']})" if d["previous"] else ""
+    print(f"promote: {d['model_name']} v{d['version']} -> @champion{was}: {d['description']}")
+    return 0
