@@ -46,7 +46,7 @@ ui: setup
 	    mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db"
 
 lint: setup
-	ruff check src tests benchmarks
+	ruff check src tests benchmarks nets sources metrics
 
 # reports/: only what git ignores; the committed metrics and plot data stay (the baseline)
 clean:

@@ -44,7 +44,8 @@ def throughput_rows(device, images: int, rounds: int) -> list[Row]:
     val = Split(x[:512], y[:512]).to(device)
     rows = []
     for name in MODELS:
-        spec = model_spec(name, [3, 32, 32], 10, [125.0] * 3, [63.0] * 3, hidden=128, width=64)
+        spec = model_spec(name, [3, 32, 32], 10, [125.0] * 3, [63.0] * 3,
+                          {"width": 64} if name == "fast_cnn" else {})
 
         def side(precision: str, spec=spec) -> float:
             model = build(spec).to(device)
@@ -64,7 +65,6 @@ def time_to_accuracy(device, mnist: Path, target: float) -> Row | None:
     from reprolab.data.torchvision_sets import SPECS, missing_files
     from reprolab.device import seed_everything
     from reprolab.engine import evaluate, fit
-    from reprolab.models import build
 
     root = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     raw = root / "data" / "raw" / "mnist" / SPECS["mnist"].folder
@@ -77,7 +77,7 @@ def time_to_accuracy(device, mnist: Path, target: float) -> Row | None:
     seed_everything(cfg.seed)
     meta, train_split, val_split = load_training_data(cfg.processed_dir, device)
     test_split = load_split(cfg.processed_dir, "test").to(device)
-    model = build(recipe.spec_for(cfg, meta)).to(device)
+    model = recipe.model_recipe(cfg, meta).build().to(device)
     hyper = recipe.hyper_for(cfg, cfg.train.epochs, device, meta["shape"])
     reached: dict[str, float] = {}
 

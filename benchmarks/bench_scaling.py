@@ -47,7 +47,7 @@ def worker(out: Path, device_name: str, images: int, batch: int, threads: int) -
     train = Split(torch.from_numpy(x), torch.from_numpy(y)).to(device)
     val = Split(train.x[:1000], train.y[:1000])
     torch.manual_seed(0)
-    spec = model_spec("simple_cnn", (1, 28, 28), 10, [128.0], [64.0], hidden=128, width=64)
+    spec = model_spec("simple_cnn", (1, 28, 28), 10, [128.0], [64.0], {"hidden": 128})
     hyper = Hyper(optimizer="adam", lr=1e-3, epochs=EPOCHS, batch_size=batch,
                   precision=select_precision("auto", device, (1, 28, 28)))
     result = fit(build(spec).to(device), train, val, hyper)

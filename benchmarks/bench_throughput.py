@@ -190,7 +190,7 @@ def prepare(label: str, epochs: int, workload: Any = None) -> Workload:
                            f"train.epochs={epochs}", "data.augment.crop_padding=0",
                            "data.augment.flip=false", workload=workload)()
     meta, train, val = load_training_data(cfg.processed_dir, select_device("cpu"))
-    spec = recipe.spec_for(cfg, meta)
+    spec = recipe.model_recipe(cfg, meta).spec
     seed_everything(cfg.seed)
     initial = build(spec).state_dict()
     return Workload(label, cfg, train, val, load_split(cfg.processed_dir, "test"), spec,

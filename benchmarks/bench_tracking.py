@@ -52,12 +52,13 @@ class BareWork:
     the `with` block runs."""
 
     def __enter__(self) -> BareWork:
-        from reprolab import checkpoint, train
+        from reprolab import checkpoint, recipe, train
 
         self.seconds: list[float] = []  # one per tracked run, in order
         self.work = self.in_callback = 0.0
         load, build, fit, call = self.originals = (
-            train.load_training_data, train.build, checkpoint.fit, train.Checkpointer.__call__)
+            train.load_training_data, recipe.ModelRecipe.build, checkpoint.fit,
+            train.Checkpointer.__call__)
 
         def timing(fn, into: str):
             def timed_fn(*args, **kwargs):
@@ -75,14 +76,15 @@ class BareWork:
                 self.seconds.append(self.work - self.in_callback)
                 self.work = self.in_callback = 0.0
 
-        train.load_training_data, train.build = timing(load, "work"), timing(build, "work")
+        train.load_training_data, recipe.ModelRecipe.build = (timing(load, "work"),
+                                                              timing(build, "work"))
         checkpoint.fit, train.Checkpointer.__call__ = timed_fit, timing(call, "in_callback")
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from reprolab import checkpoint, train
+        from reprolab import checkpoint, recipe, train
 
-        (train.load_training_data, train.build, checkpoint.fit,
+        (train.load_training_data, recipe.ModelRecipe.build, checkpoint.fit,
          train.Checkpointer.__call__) = self.originals
 
 
@@ -92,7 +94,6 @@ def sides(config, epochs: int):
     from reprolab.data import load_training_data
     from reprolab.device import seed_everything, select_device
     from reprolab.engine import fit
-    from reprolab.models import build
 
     cfg = config(f"train.epochs={epochs}")
 
@@ -104,7 +105,7 @@ def sides(config, epochs: int):
         device = select_device("cpu")
         seed_everything(cfg.seed)
         meta, train_split, val_split = load_training_data(cfg.processed_dir, device)
-        model = build(recipe.spec_for(cfg, meta)).to(device)
+        model = recipe.model_recipe(cfg, meta).build().to(device)
         fit(model, train_split, val_split, recipe.hyper_for(cfg, epochs, device, meta["shape"]))
 
     return timed(tracked), timed(bare)

@@ -92,8 +92,8 @@ def precision_rows(device: str, quick: bool) -> list[str]:
     train, val = Split(x, y).to(dev), Split(x[:512], y[:512]).to(dev)
     rows = []
     for name in ("fast_cnn",) if quick else ("fast_cnn", "resnet18"):
-        spec = model_spec(name, [3, size, size], 10, [125.0] * 3, [63.0] * 3, hidden=128,
-                          width=8 if quick else 64)
+        spec = model_spec(name, [3, size, size], 10, [125.0] * 3, [63.0] * 3,
+                          {"width": 8 if quick else 64} if name == "fast_cnn" else {})
         speed = {}
         for precision in ("fp32", "bf16", "fp32", "bf16"):  # the second pair is measured
             hyper = Hyper(optimizer="sgd", lr=0.01, epochs=1, batch_size=512,

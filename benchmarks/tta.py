@@ -155,7 +155,7 @@ def best_recipe(arrays: dict[str, tuple[Any, Any]], device: Any, epochs: int | N
     from reprolab.models import model_spec
 
     mean, std = train_stats(arrays, val_size)
-    spec = model_spec("fast_cnn", (1, 28, 28), 10, mean, std, width=16)
+    spec = model_spec("fast_cnn", (1, 28, 28), 10, mean, std, {"width": 16})
     hyper = Hyper(optimizer="adamw", lr=3e-3, epochs=epochs or 2, batch_size=256,
                   schedule="onecycle", label_smoothing=0.0,
                   precision=select_precision("auto", device, (1, 28, 28)), seed=0)

@@ -91,3 +91,27 @@ def project(make_config: Callable[..., Config], processed_once: Path) -> Callabl
     for rel in (cfg.paths.raw, cfg.paths.processed):
         shutil.copytree(processed_once / rel, cfg.base_dir / rel)
     return make_config
+
+
+def reprolab(capsys: pytest.CaptureFixture[str], root: Path, command: str, *overrides: str,
+             args: tuple[str, ...] = ()) -> tuple[int, str, list[str]]:
+    """`reprolab <command> -q --params <root>/params.yaml -S ... ARGS` in this process ->
+    (exit code, stdout, stderr lines). What was printed before the command is dropped first."""
+    from reprolab import cli
+
+    capsys.readouterr()
+    argv = [command, "-q", "--params", str(root / "params.yaml")]
+    for override in overrides:
+        argv += ["-S", override]
+    code = cli.main([*argv, *args])
+    out, err = capsys.readouterr()
+    return code, out, err.splitlines()
+
+
+def one_error(lines: list[str], command: str) -> str:
+    """The single stderr line of a refused command, without its `reprolab <command>: error: `
+    prefix: one line, no traceback."""
+    assert len(lines) == 1, lines
+    prefix = f"reprolab {command}: error: "
+    assert lines[0].startswith(prefix), lines[0]
+    return lines[0].removeprefix(prefix)

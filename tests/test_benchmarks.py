@@ -127,7 +127,7 @@ def test_tutorial_loop_trains_the_model_it_is_given():
     x, y = workloads.images(400, (1, 28, 28), seed=0)
     split = Split(torch.from_numpy(x), torch.from_numpy(y))
     torch.manual_seed(0)
-    model = build(model_spec("simple_cnn", (1, 28, 28), 10, [110.0], [80.0], hidden=32))
+    model = build(model_spec("simple_cnn", (1, 28, 28), 10, [110.0], [80.0], {"hidden": 32}))
     before = evaluate(model, split, 512)[1]
     tutorial_fit(model, split, split, batch_size=32, lr=3e-3, epochs=2, seed=0)
     assert evaluate(model, split, 512)[1] > max(0.5, before + 0.3)
@@ -168,14 +168,15 @@ def test_the_in_run_split_times_the_bare_loops_work_inside_real_tracked_runs(tmp
     than its wall time by what tracking took; train's functions are themselves again after."""
     import bench_tracking
 
-    from reprolab import checkpoint, train
+    from reprolab import checkpoint, recipe, train
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # pipeline_project points it at its own store
     config = harness.pipeline_project(tmp_path, "train.use_tuned=false", "train.device=cpu")
-    originals = (train.load_training_data, train.build, checkpoint.fit, train.Checkpointer.__call__)
+    originals = (train.load_training_data, recipe.ModelRecipe.build, checkpoint.fit,
+                 train.Checkpointer.__call__)
     with bench_tracking.BareWork() as bare_work:
         samples = bench_tracking.measured(config, 2, 0, 1, bare_work)
-    assert (train.load_training_data, train.build, checkpoint.fit,
+    assert (train.load_training_data, recipe.ModelRecipe.build, checkpoint.fit,
             train.Checkpointer.__call__) == originals
     assert len(bare_work.seconds) == 2
     for key in ("A", "A'"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -375,3 +376,53 @@ def test_experiment_in_the_workspace_as_the_readme_writes_it(repro):
     (run,) = client.search_runs([exp.experiment_id], "params.`train.lr` = '0.01'")
     assert run.info.status == "FINISHED" and run.data.tags["dvc.exp_name"] in out
     assert "test/accuracy" in run.data.metrics
+
+
+TINY_NET = '''
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    def __init__(self, num_classes, in_chans, hidden=8):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(in_chans, hidden, 3, padding=1), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(2), nn.Flatten())
+        self.head = nn.Linear(4 * hidden, num_classes)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+'''
+
+
+def test_your_own_network_through_dvc_exp_run(repro, tmp_path):
+    """One file in nets/ and -S on the command line; editing the file makes the stages that
+    import it stale; the registered model predicts with no nets/ anywhere near."""
+    dest, _, _ = repro
+    (dest / "nets" / "tiny.py").write_text(TINY_NET)
+    sh(tool("dvc"), "exp", "run", "-S", "model.name=nets.tiny:TinyNet", "-S",
+       "model.kwargs={hidden: 24}", "-S", "train.use_tuned=false", "-S",
+       "register.model_name=tiny-net", cwd=dest)
+    spec = __import__("torch").load(dest / "models/model.pt", weights_only=True)["spec"]
+    assert (spec["name"], spec["kwargs"]) == ("nets.tiny:TinyNet", {"hidden": 24})
+    fresh = json.loads(sh(tool("dvc"), "status", "--json", cwd=dest).stdout or "{}")
+    assert not {"tune", "train", "evaluate"} & set(fresh), fresh
+
+    net = dest / "nets" / "tiny.py"
+    net.write_text(net.read_text().replace("nn.ReLU()", "nn.GELU()"))
+    stale = json.loads(sh(tool("dvc"), "status", "--json", cwd=dest).stdout)
+    for stage in ("tune", "train", "evaluate"):
+        changes = [c for c in stale.get(stage, []) if isinstance(c, dict)]
+        assert any("nets" in c.get("changed deps", {}) for c in changes), (stage, stale)
+    assert "fetch" not in stale and "preprocess" not in stale
+
+    shutil.move(dest / "nets", tmp_path / "nets-away")  # no network code left in the project
+    from PIL import Image
+
+    image = tmp_path / "digit.png"
+    Image.new("L", (8, 8), 0).save(image)
+    env = {**shell_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{dest / 'mlflow.db'}"}
+    out = sh(str(dest / tool("reprolab")), "predict", "-q", "--json", "--model",
+             "models:/tiny-net@champion", str(image), cwd=tmp_path, env=env).stdout
+    (prediction,) = json.loads(out)
+    assert len(prediction["probabilities"]) == 10 and prediction["error"] is None

@@ -17,14 +17,15 @@ from reprolab.ddp import share
 from reprolab.device import seed_everything
 from reprolab.engine import Hyper, evaluate, fit
 from reprolab.errors import TrainingDiverged
-from reprolab.models import MODELS, build, count_parameters, model_spec
+from reprolab.models import BUILTIN, build, count_parameters, model_spec
 from reprolab.optim import make_schedule
 
 
 def _model(meta, seed=0, name="simple_cnn"):
     seed_everything(seed)
+    kwargs = {"width": 16} if name == "fast_cnn" else {}
     return build(model_spec(name, meta["shape"], meta["num_classes"], meta["mean"], meta["std"],
-                            width=16))
+                            kwargs))
 
 
 @pytest.fixture(scope="module")
@@ -270,7 +271,7 @@ def test_sync_batchnorm_stands_in_while_training_and_leaves_plain_batchnorm():
     from reprolab.ddp import sync_batchnorm, unwrap
 
     torch.manual_seed(0)
-    model = build(model_spec("fast_cnn", (3, 16, 16), 10, [0.0] * 3, [1.0] * 3, width=8))
+    model = build(model_spec("fast_cnn", (3, 16, 16), 10, [0.0] * 3, [1.0] * 3, {"width": 8}))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     originals = sync_batchnorm(model)
     assert originals and all(isinstance(m, torch.nn.BatchNorm2d) for m in originals.values())
@@ -303,12 +304,13 @@ def test_augment_crops_and_flips_whole_batches():
         assert any(torch.equal(cropped[i], w) for w in windows)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(BUILTIN))
 @pytest.mark.parametrize(("shape", "classes"), [((1, 8, 8), 10), ((3, 32, 32), 100),
                                                  ((1, 28, 28), 2)])
 def test_every_model_fits_any_shape_and_trains_one_step(name, shape, classes):
     torch.manual_seed(0)
-    spec = model_spec(name, shape, classes, [0.0] * shape[0], [255.0] * shape[0], width=8)
+    spec = model_spec(name, shape, classes, [0.0] * shape[0], [255.0] * shape[0],
+                      {"width": 8} if name == "fast_cnn" else {})
     model = build(spec)
     x = torch.randint(0, 256, (4, *shape)).float()
     y = torch.arange(4) % classes

@@ -26,7 +26,7 @@ from reprolab.data.imagefolder import DEFAULT_MAX_PIXELS
 from reprolab.errors import ConfigError
 
 FOLDER = ["data.dataset=imagefolder"]
-FETCH_OUT = ("data/raw/imagefolder",)
+FETCH_OUT = ("data/raw/imagefolder-images",)  # <raw>/<the source name>
 PREPROCESS_OUT = ("data/processed", "reports/preprocess/report.json")
 PER_CLASS = 8
 

@@ -47,7 +47,8 @@ def data():
 
 def model(name: str = "fast_cnn", seed: int = 0):
     seed_everything(seed)
-    spec = model_spec(name, (3, 16, 16), 4, [100.0] * 3, [80.0] * 3, hidden=64, width=16)
+    spec = model_spec(name, (3, 16, 16), 4, [100.0] * 3, [80.0] * 3,
+                      {"width": 16} if name == "fast_cnn" else {"hidden": 64})
     return build(spec).cuda()
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from reprolab.evaluate import classification_metrics, per_class_report, predictions_csv
+from reprolab.evaluate import per_class_report, predictions_csv
 from reprolab.gate import DATA_TAG, decide
+from reprolab.metrics import classification_metrics
 
 
 def test_classification_metrics_match_hand_computed_values():

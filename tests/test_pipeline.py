@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from reprolab.cli import STAGES
+from reprolab.cli import READS, STAGES
 
 SRC = REPO / "src"
 
@@ -28,9 +28,15 @@ def module_file(name: str) -> Path | None:
 
 
 def imported(path: Path) -> set[str]:
-    """reprolab modules that `path` imports anywhere (module level or inside functions)."""
+    """reprolab modules that `path` imports anywhere (module level or inside functions), except
+    under `if TYPE_CHECKING:` (annotations only: never run)."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):  # drop the TYPE_CHECKING blocks first
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and \
+                node.test.id == "TYPE_CHECKING":
+            node.body = []
     out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names if a.name.split(".")[0] == "reprolab"}
         elif isinstance(node, ast.ImportFrom) and node.module and \
@@ -70,6 +76,20 @@ def test_dvc_yaml_declares_exactly_the_code_each_stage_runs(stage):
     declared = declared_code(stage)
     assert not derived - declared, f"dvc.yaml {stage}: deps missing {sorted(derived - declared)}"
     assert not declared - derived, f"dvc.yaml {stage}: deps not run {sorted(declared - derived)}"
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_dvc_yaml_declares_the_folders_of_your_code_each_stage_reads(stage):
+    """Your network, source and metric are imported by import path (no import statement shows
+    them) and the weights are read by path: cli.READS names them, dvc.yaml must declare them."""
+    deps = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["deps"]
+    yours = {d for d in deps if not d.startswith(("src/", "${paths.raw}", "${paths.processed}",
+                                                  "${paths.models}", "${paths.reports}"))}
+    assert yours == set(READS[stage])
+    for folder in READS[stage]:  # each exists in a fresh clone (DVC refuses a missing dep)
+        params = yaml.safe_load((REPO / "params.yaml").read_text())
+        path = folder.replace("${paths.weights}", params["paths"]["weights"])
+        assert (REPO / path).is_dir() and any((REPO / path).iterdir()), path
 
 
 @pytest.mark.parametrize("stage", list(STAGES))

@@ -372,9 +372,10 @@ def test_a_model_of_another_shape_is_refused_by_register_evaluate_and_predict(
     preprocess.run(large)  # the data is 3x12x12 now; models/ still holds the 3x8x8 model
     overrides = [a for item in (*TINY, *folder, "data.image_size=12") for a in ("-S", item)]
     evaluated = read_json(large.metrics_file)
+    capsys.readouterr()  # what the stages before said (MLflow creating the store, maybe)
     assert _cli(large, "evaluate", *overrides) == 2
     assert _one_line(capsys).endswith(
-        "models/model.pt: takes 3x8x8 (3 channels) images, but the imagefolder test split "
+        "models/model.pt: takes 3x8x8 (3 channels) images, but the imagefolder-images test split "
         "holds 3x12x12 (3 channels); train on this data first: `reprolab train` (or `dvc repro`)")
     assert read_json(large.metrics_file) == evaluated  # nothing written
     image = tmp_path / "images" / "dog" / "00.png"
@@ -390,7 +391,8 @@ def test_a_model_of_another_shape_is_refused_by_register_evaluate_and_predict(
     assert _cli(large, "register", *overrides) == 2
     assert _one_line(capsys) == (
         "reprolab register: error: register.model_name: registered model 'folder-shapes' holds "
-        "imagefolder models that take 3x8x8 images (its tags); this one is imagefolder, 3x12x12:"
+        "imagefolder-images models that take 3x8x8 images (its tags); this one is "
+        "imagefolder-images, 3x12x12:"
         " use another register.model_name, or null (reprolab-<dataset>)")
     assert len(MlflowClient().search_model_versions("name = 'folder-shapes'")) == 1
     assert read_json(large.report_dir("register") / "decision.json") == decided  # unchanged

@@ -33,14 +33,17 @@ CHECKPOINT_FORMAT = 2
 NOT_IN_IDENTITY = ("checkpoint_every_s", "processes")
 
 
-def checkpoint_identity(cfg: Config, hyper: Hyper, meta: dict[str, Any], ranks: int) -> str:
+def checkpoint_identity(cfg: Config, hyper: Hyper, meta: dict[str, Any], ranks: int,
+                        spec: dict[str, Any]) -> str:
     """What must match for a checkpoint to be resumed: the resolved config (tuned values
-    included), the engine's settings on this device, the data, the number of ranks (they sum
-    in another order) and the checkpoint's format."""
+    included), the engine's settings on this device, the data, the model's spec (your network's
+    code and the pretrained weights by their sha256), the number of ranks (they sum in another
+    order) and the checkpoint's format."""
     tree = cfg.as_dict()
     tree["train"] = {k: v for k, v in tree["train"].items() if k not in NOT_IN_IDENTITY}
     config = json.dumps(tree, sort_keys=True, separators=(",", ":"))
-    blob = f"{config}|{hyper}|{meta['manifest_sha256']}|{ranks}|{CHECKPOINT_FORMAT}"
+    model = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+    blob = f"{config}|{hyper}|{meta['manifest_sha256']}|{model}|{ranks}|{CHECKPOINT_FORMAT}"
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -25,6 +25,17 @@ STAGES = {
     "evaluate": ("reprolab.evaluate", "test-split metrics and confusion matrix"),
     "register": ("reprolab.register", "register the model; move @champion if it is better"),
 }
+# The folders of your own code and weights that a stage reads (imported by import path, so no
+# import statement shows them): dvc.yaml declares each as a dependency of the stage
+# (tests/test_pipeline.py checks), so that editing your network makes tune and train stale.
+READS = {
+    "fetch": ("sources",),
+    "preprocess": ("sources",),
+    "tune": ("nets", "${paths.weights}"),
+    "train": ("nets", "${paths.weights}"),
+    "evaluate": ("nets", "metrics"),
+    "register": ("sources",),
+}
 # Commands that are not pipeline stages ("module:function" when the function is not `main`).
 TOOLS = {
     "predict": ("reprolab.predict", "class and probability for image files or directories"),

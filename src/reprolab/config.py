@@ -8,6 +8,7 @@ value and what is allowed. Derived values (absolute paths, store URIs) are prope
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import itertools
 import json
@@ -33,14 +34,19 @@ from pydantic import (
     model_validator,
 )
 
+from reprolab.data import sources
 from reprolab.errors import ConfigError
+from reprolab.metrics import BUILTIN as METRICS
+from reprolab.metrics import NAME as METRIC_NAME
+from reprolab.models import name_problem
+from reprolab.optim import OPTIMIZERS, SCHEDULES
+from reprolab.plugins import is_import_path
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
-DATASETS = ("digits", "mnist", "fashion_mnist", "kmnist", "cifar10", "cifar100", "imagefolder")
-MODELS = ("simple_cnn", "resnet18", "fast_cnn")
-METRICS = ("accuracy", "f1_macro", "f1_weighted")
-
-Optimizer = Literal["sgd", "adam", "adamw", "rmsprop"]
+# the allowed names come from the tables they name (optim.py, data/sources.py, metrics.py)
+Optimizer = Literal[tuple(OPTIMIZERS)]
+WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors")
+# keys that moved: the old key's error names the new one
+MOVED = {"model.hidden": "model.kwargs.hidden", "model.width": "model.kwargs.width"}
 STORAGE_SCHEMES = ("postgresql", "mysql", "mariadb", "sqlite")
 # MLflow 3 refuses file stores (file:// or a plain path) unless MLFLOW_ALLOW_FILE_STORE is set
 TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks")
@@ -74,7 +80,8 @@ class _Section(BaseModel):
 
 # What a path knob may never name: the repository's own files and folders. Stages replace their
 # output folders whole, so an output there would delete them.
-RESERVED = (".git", ".dvc", ".ci", "src", "tests", "benchmarks", "params.yaml", "dvc.yaml",
+RESERVED = (".git", ".dvc", ".ci", "src", "tests", "benchmarks", "docs", "nets", "sources",
+            "metrics", "params.yaml", "dvc.yaml",
             "dvc.lock", "MLproject", "conda.yaml", "python_env.yaml", "pyproject.toml",
             "Makefile", "README.md", ".gitignore", ".dvcignore")
 
@@ -93,6 +100,7 @@ class Paths(_Section):
     checkpoints: StrictStr
     mlflow_db: StrictStr
     optuna_journal: StrictStr
+    weights: StrictStr  # pretrained weights files (an input, under DVC: `dvc add weights/x.pt`)
 
     @model_validator(mode="after")
     def _inside_and_apart(self) -> Paths:
@@ -130,7 +138,8 @@ class Augment(_Section):
 
 
 class Data(_Section):
-    dataset: Literal[DATASETS]
+    dataset: StrictStr  # a built-in (sources.BUILTIN) or package.module:Class of your own
+    kwargs: dict[StrictStr, Any]  # your own source's constructor keywords
     image_folder: StrictStr | None
     channels: Literal[1, 3] | None
     image_size: Int | None = Field(ge=4)
@@ -143,6 +152,11 @@ class Data(_Section):
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> Data:
+        if self.dataset not in sources.BUILTIN and not is_import_path(self.dataset):
+            close = difflib.get_close_matches(self.dataset, list(sources.BUILTIN), n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ValueError(f"data.dataset = {self.dataset!r}: not a dataset; {hint}allowed: "
+                             f"{sources.ALLOWED}")
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError(
                 "data.val_fraction + data.test_fraction = "
@@ -155,10 +169,6 @@ class Data(_Section):
                 "(a folder with one subfolder of images per class)"
             )
         return self
-
-    @property
-    def has_official_test(self) -> bool:
-        return self.dataset not in ("digits", "imagefolder")
 
     @property
     def crop_padding(self) -> int:
@@ -174,9 +184,31 @@ class Data(_Section):
 
 
 class Model(_Section):
-    name: Literal[MODELS]
-    hidden: Int = Field(ge=1)
-    width: Int = Field(ge=2)
+    name: StrictStr  # a built-in (models.BUILTIN), timm/<architecture> or package.module:Callable
+    kwargs: dict[StrictStr, Any]  # the constructor's keywords
+    pretrained: StrictBool | StrictStr | None  # a weights file under paths.weights, or true: timm's
+    allow_download: StrictBool  # pretrained: true may download from the hub (off: cache only)
+    input_size: Int | None = Field(ge=4)  # the network's input size; null: see models.spec_for
+
+    @model_validator(mode="after")
+    def _names_a_model(self) -> Model:
+        problem = name_problem(self.name)
+        if problem:
+            raise ValueError(problem)
+        if self.pretrained is True and not self.name.startswith("timm/"):
+            raise ValueError(
+                f"model.pretrained = true with model.name = {self.name!r}: only timm/<architecture>"
+                " models have pretrained weights of their own; allowed: a weights file under "
+                "weights/ (for instance weights/backbone.pt), or null")
+        if isinstance(self.pretrained, str):
+            path = PurePosixPath(self.pretrained)
+            if path.is_absolute() or ".." in path.parts or path.suffix not in WEIGHT_SUFFIXES:
+                raise ValueError(
+                    f"model.pretrained = {self.pretrained!r}: not a weights file in the "
+                    f"repository; allowed: a relative path ending in {', '.join(WEIGHT_SUFFIXES)} "
+                    "under paths.weights (a dependency of tune and train), true (timm's own), "
+                    "or null")
+        return self
 
 
 class Train(_Section):
@@ -185,7 +217,7 @@ class Train(_Section):
     momentum: Float = Field(ge=0, lt=1)
     nesterov: StrictBool
     weight_decay: Float = Field(ge=0)
-    schedule: Literal["constant", "cosine", "onecycle"]
+    schedule: Literal[SCHEDULES]
     warmup_epochs: Float = Field(ge=0)
     label_smoothing: Float = Field(ge=0, lt=1)
     early_stopping_patience: Int = Field(ge=0)
@@ -201,6 +233,16 @@ class Train(_Section):
     # the resume checkpoint: after the epoch that ends this many seconds after the last one
     # (0: every epoch), at the end, and on SIGTERM / Ctrl-C
     checkpoint_every_s: Float = Field(default=30.0, ge=0)
+    # fine-tuning: false, true (the whole training) or the first N epochs with the backbone
+    # frozen; the backbone's lr is lr x backbone_lr_scale (the head's is lr)
+    freeze_backbone: StrictBool | Annotated[Int, Field(ge=0)] = False
+    backbone_lr_scale: Float = Field(default=1.0, gt=0)
+
+    @property
+    def freeze_epochs(self) -> int:
+        if self.freeze_backbone is True:
+            return self.epochs
+        return int(self.freeze_backbone or 0)
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> Train:
@@ -283,12 +325,25 @@ class Tune(_Section):
 
 class Evaluate(_Section):
     batch_size: Int = Field(ge=1)
+    metrics: dict[StrictStr, StrictStr]  # name -> package.module:function, beside the built-ins
+
+    @model_validator(mode="after")
+    def _metric_names(self) -> Evaluate:
+        for name, path in self.metrics.items():
+            if not METRIC_NAME.match(name) or name in METRICS or name == "top5_accuracy":
+                raise ValueError(f"evaluate.metrics.{name}: not a name of its own; allowed: "
+                                 "lowercase letters, digits and _, none of the built-ins ("
+                                 f"{', '.join(METRICS)}, top5_accuracy)")
+            if not is_import_path(path):
+                raise ValueError(f"evaluate.metrics.{name} = {path!r}: not an import path; "
+                                 "allowed: package.module:function (as metrics/example.py)")
+        return self
 
 
 class Register(_Section):
     enabled: StrictBool  # false: the stage writes decision.json saying so, registers nothing
     model_name: StrictStr | None = Field(min_length=1)  # null: derived from the dataset
-    metric: Literal[METRICS]
+    metric: StrictStr  # a built-in metric or one of evaluate.metrics (checked by Config)
     min_delta: Float = Field(ge=0)
 
     @model_validator(mode="after")
@@ -326,6 +381,34 @@ with warnings.catch_warnings():
         # Where the params file lives: stage outputs resolve against it. Not a knob.
         _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 
+        @model_validator(mode="after")
+        def _gate_metric_exists(self) -> Config:
+            metric = self.register.metric
+            if metric not in METRICS and metric not in self.evaluate.metrics:
+                own = f", or one of evaluate.metrics ({', '.join(self.evaluate.metrics)})" \
+                    if self.evaluate.metrics else ", or a metric of your own in evaluate.metrics"
+                raise ValueError(f"register.metric = {metric!r}: not a metric evaluate computes;"
+                                 f" allowed: {', '.join(METRICS)}{own}")
+            if (self.train.freeze_backbone or self.train.backbone_lr_scale != 1.0) and \
+                    not self.model.pretrained:
+                raise ValueError(
+                    "train.freeze_backbone / train.backbone_lr_scale: fine-tuning knobs, but "
+                    "model.pretrained is null (nothing to fine-tune); allowed: false and 1.0, "
+                    "or set model.pretrained")
+            return self
+
+        # ---- the data source (data/sources.py) ----
+
+        @functools.cached_property
+        def source(self) -> Any:
+            """The configured data source; your own is imported (from the repository's
+            sources/) and checked against the contract here."""
+            return sources.make(self.data, self._base_dir)
+
+        @property
+        def weights_dir(self) -> Path:
+            return self._path(self.paths.weights)
+
         # ---- derived paths (DVC outputs, relative to the repository) ----
 
         def _path(self, rel: str) -> Path:
@@ -337,7 +420,8 @@ with warnings.catch_warnings():
 
         @property
         def raw_dir(self) -> Path:
-            return self._path(self.paths.raw) / self.data.dataset
+            """<paths.raw>/<the source's name>/: fetch writes it, preprocess reads it."""
+            return self._path(self.paths.raw) / self.source.name
 
         @property
         def processed_dir(self) -> Path:
@@ -429,16 +513,11 @@ with warnings.catch_warnings():
 
         @property
         def registered_model_name(self) -> str:
-            """register.model_name, or one name per dataset (`reprolab-mnist`; your own images:
-            `reprolab-imagefolder-<folder>`), so that each dataset has its own champion. The
-            input shape is checked by register against the registered model's tag."""
-            if self.register.model_name:
-                return self.register.model_name
-            if self.data.dataset != "imagefolder":
-                return f"reprolab-{self.data.dataset}"
-            folder = PurePosixPath(str(self.data.image_folder).rstrip("/")).name
-            slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", folder).strip("-.") or "images"
-            return f"reprolab-imagefolder-{slug}"
+            """register.model_name, or one name per data source (`reprolab-digits`; your own
+            images: `reprolab-imagefolder-<folder>`), so that each dataset has its own
+            champion. The input shape is checked by register against the registered model's
+            tag."""
+            return self.register.model_name or f"reprolab-{self.source.name}"
 
         # ---- identity ----
 
@@ -512,6 +591,9 @@ def _describe(error: dict[str, Any]) -> str:
     loc = tuple(error["loc"])
     key = ".".join(str(p) for p in loc) or "(top level)"
     kind = error["type"]
+    if kind == "extra_forbidden" and key in MOVED:
+        return (f"{key}: moved to {MOVED[key]} (the model's keyword arguments: "
+                f"-S {MOVED[key]}={error['input']!r})")
     if kind == "extra_forbidden":
         allowed = _allowed_keys(loc)
         close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)

@@ -58,6 +58,11 @@ class Hyper:
     crop_padding: int = 0  # random crop after zero padding by this many pixels; 0: off
     flip: bool = False  # random horizontal flip
     seed: int = 0
+    # fine-tuning: the head's qualified name in the model ("" when there is none), the epochs
+    # during which the rest (the backbone) is frozen, and the backbone's lr as a share of lr
+    head: str = ""
+    freeze_epochs: int = 0
+    backbone_lr_scale: float = 1.0
 
 
 @dataclass
@@ -142,7 +147,7 @@ def _setup(model: nn.Module, n: int, hp: Hyper) -> _Loop:
         model.to(memory_format=torch.channels_last)
     net, batchnorms = ddp.wrap(model, device)
     net = torch.compile(net) if hp.compile else net
-    opt = make_optimizer(model.parameters(), hp)
+    opt = make_optimizer(model, hp)
     steps = math.ceil(n / hp.batch_size)
     return _Loop(model, net, opt, make_schedule(opt, hp, steps),
                  torch.amp.GradScaler(device.type, enabled=hp.precision == "fp16"),
@@ -197,16 +202,44 @@ def _forward(loop: _Loop, xb: torch.Tensor, yb: torch.Tensor, weight: float, hp:
     return total * weight, total.detach(), logits
 
 
-def _optimise(loop: _Loop, loss: torch.Tensor) -> None:
+def _optimise(loop: _Loop, loss: torch.Tensor, frozen: list[torch.nn.Parameter]) -> None:
     loop.opt.zero_grad(set_to_none=True)
     if loop.scaler.is_enabled():  # fp16 only
         loop.scaler.scale(loss).backward()
+        _drop_grads(frozen)
         loop.scaler.step(loop.opt)
         loop.scaler.update()
     else:
         loss.backward()
+        _drop_grads(frozen)
         loop.opt.step()
     loop.schedule.step()
+
+
+def _drop_grads(frozen: list[torch.nn.Parameter]) -> None:
+    """A parameter without a gradient is left as it is by every optimizer: no step, no weight
+    decay, no momentum."""
+    for param in frozen:
+        param.grad = None
+
+
+def _freeze(loop: _Loop, hp: Hyper) -> list[torch.nn.Parameter]:
+    """Fine-tuning: in the first hp.freeze_epochs epochs the backbone (everything but the head)
+    does not train; its BatchNorms keep their statistics too. One process stops its gradients
+    (less work); across ranks DDP needs the same parameters to take part in every step, so their
+    gradients are dropped after the reduction instead. -> the parameters whose gradients the
+    step must drop."""
+    frozen = bool(hp.head) and loop.epoch < hp.freeze_epochs
+    backbone = [(n, p) for n, p in loop.model.named_parameters()
+                if not n.startswith(hp.head + ".")] if hp.head else []
+    for _, param in backbone:
+        param.requires_grad_(not frozen or loop.world > 1)
+    if frozen:
+        kinds = nn.modules.batchnorm._BatchNorm
+        for name, module in loop.model.named_modules():
+            if isinstance(module, kinds) and not name.startswith(hp.head + "."):
+                module.eval()
+    return [p for _, p in backbone] if frozen and loop.world > 1 else []
 
 
 def _train_epoch(loop: _Loop, train: Split, hp: Hyper, progress: Progress
@@ -214,6 +247,7 @@ def _train_epoch(loop: _Loop, train: Split, hp: Hyper, progress: Progress
     """One pass over a fresh seeded permutation; -> this rank's summed loss and correct count."""
     epoch, device = loop.epoch + 1, loop.device
     loop.net.train()
+    frozen = _freeze(loop, hp)
     order = torch.randperm(len(train), generator=loop.generator).to(device)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -234,7 +268,7 @@ def _train_epoch(loop: _Loop, train: Split, hp: Hyper, progress: Progress
             first_bad = torch.where(bad, step, first_bad)
             if step % 50 == 0 or step == loop.steps:
                 ddp.raise_if_diverged(first_bad, epoch)
-        _optimise(loop, loss)
+        _optimise(loop, loss, frozen)
         loss_sum += batch_loss
         correct += (logits.detach().argmax(1) == yb).sum()
         progress.step(step, loss)
@@ -317,6 +351,8 @@ def _finish(loop: _Loop) -> FitResult:
         log.info("restored the weights of epoch %d (%s %.4f)", loop.best["epoch"], MONITOR,
                  loop.best["value"])
     ddp.unwrap(loop.model, loop.batchnorms)
+    for param in loop.model.parameters():  # a frozen backbone trains again in the next fit
+        param.requires_grad_(True)
     if loop.channels_last:
         loop.model.to(memory_format=torch.contiguous_format)
     return result

@@ -1,5 +1,5 @@
-"""evaluate stage: test-split metrics with scikit-learn, the confusion matrix and the learning
-curve, all on the training run."""
+"""evaluate stage: test-split metrics (scikit-learn's and your own, reprolab.metrics), the
+confusion matrix and the learning curve, all on the training run."""
 
 from __future__ import annotations
 
@@ -21,37 +21,6 @@ PREDICTIONS_FILE = "predictions.csv"
 CONFUSION_PNG = "confusion_matrix.png"
 MISCLASSIFIED_PNG = "misclassified.png"
 CURVE_PNG = "learning_curve.png"
-
-
-def classification_metrics(
-    y_true: np.ndarray, probs: np.ndarray
-) -> dict[str, float]:
-    """Accuracy, macro and weighted F1, macro precision and recall, and top-5 accuracy when
-    there are more than 5 classes (pure, scikit-learn). `probs` is N x K."""
-    from sklearn.metrics import (
-        accuracy_score,
-        f1_score,
-        precision_score,
-        recall_score,
-        top_k_accuracy_score,
-    )
-
-    y_pred = probs.argmax(1)
-    num_classes = probs.shape[1]
-    metrics = {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "f1_macro": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
-        "f1_weighted": float(f1_score(y_true, y_pred, average="weighted", zero_division=0)),
-        "precision_macro": float(
-            precision_score(y_true, y_pred, average="macro", zero_division=0)
-        ),
-        "recall_macro": float(recall_score(y_true, y_pred, average="macro", zero_division=0)),
-    }
-    if num_classes > 5:
-        metrics["top5_accuracy"] = float(
-            top_k_accuracy_score(y_true, probs, k=5, labels=list(range(num_classes)))
-        )
-    return metrics
 
 
 def per_class_report(
@@ -191,11 +160,13 @@ def run(cfg: Config) -> dict[str, float]:
     from reprolab import tracking
     from reprolab.data import load_meta, load_split
     from reprolab.engine import predict_proba
+    from reprolab.metrics import score, user_metrics
     from reprolab.models import check_fits, load_checkpoint
 
+    extra = user_metrics(cfg.evaluate.metrics, cfg.base_dir)  # one line if one does not import
     meta = load_meta(cfg.processed_dir)
     test = load_split(cfg.processed_dir, "test")
-    model, spec = load_checkpoint(cfg.model_file)  # refuses a missing model with one line
+    model, spec = load_checkpoint(cfg.model_file, cfg.base_dir)  # one line if it is missing
     check_fits(spec["shape"], test.x.shape[1:], str(cfg.model_file),
                f"the {meta['dataset']} test split", "train on this data first: `reprolab train` "
                "(or `dvc repro`)")
@@ -209,7 +180,7 @@ def run(cfg: Config) -> dict[str, float]:
     y_true, y_pred = test.y.numpy(), probs.argmax(1)
     classes = meta["classes"]
 
-    metrics = classification_metrics(y_true, probs)
+    metrics = score(y_true, probs, extra)
     out = cfg.report_dir("evaluate")
     write_json(cfg.metrics_file, metrics)
     # which model these metrics measure; its training run is the one with this hash

@@ -169,6 +169,10 @@ def check_holds(name: str, stored: dict[str, str], dataset: str, shape: str) -> 
     """One registered model, one dataset and input shape: a champion of 8x8 digits must never be
     compared with, or replaced by, a model of 28x28 MNIST images (nor served in its place)."""
     held = (stored.get(MODEL_DATASET_TAG, dataset), stored.get(MODEL_SHAPE_TAG, shape))
+    if held[0] == "imagefolder" and dataset.startswith("imagefolder-"):
+        # registered before each folder's source had a name of its own: the model's name
+        # (reprolab-imagefolder-<folder>) tied it to one folder then too
+        held = (dataset, held[1])
     if held != (dataset, shape):
         raise ConfigError(
             f"register.model_name: registered model {name!r} holds {held[0]} models that take "

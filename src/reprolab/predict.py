@@ -102,7 +102,7 @@ def load_checkpoint_model(path: Path) -> tuple[Any, tuple[int, ...], list[str]]:
     probabilities, input shape, class names: the checkpoint holds none, so their indices)."""
     from reprolab.models import load_checkpoint, with_probabilities
 
-    model, spec = load_checkpoint(path)
+    model, spec = load_checkpoint(path, Path.cwd())  # a network of your own: from nets/ here
     return with_probabilities(model), tuple(spec["shape"]), []
 
 

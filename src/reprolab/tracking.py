@@ -108,8 +108,10 @@ def _dirty(cwd: Path, outputs: tuple[str, ...]) -> bool:
     return out.returncode == 0 and bool(out.stdout.strip())
 
 
-def lineage_tags(cfg: Config, meta: dict[str, Any]) -> dict[str, str]:
-    """What a run or a registered version came from: code, params, data and platform."""
+def lineage_tags(cfg: Config, meta: dict[str, Any], spec: dict[str, Any] | None = None
+                 ) -> dict[str, str]:
+    """What a run or a registered version came from: code, params, data and platform; with the
+    model's `spec`, the code of your own network and the weights it was fine-tuned from."""
     import torch
 
     from reprolab.data import processed_digest
@@ -125,6 +127,11 @@ def lineage_tags(cfg: Config, meta: dict[str, Any]) -> dict[str, str]:
         # which kernels ran on the CPU (AVX2, AVX512, ...): bitwise results depend on it
         "torch.cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
+    if spec and spec.get("code_sha256"):
+        tags["model.code_sha256"] = spec["code_sha256"]
+    if spec and spec.get("pretrained"):
+        tags["model.pretrained"] = spec["pretrained"]["source"]
+        tags["model.pretrained_sha256"] = spec["pretrained"]["sha256"]
     lock = cfg.base_dir / "dvc.lock"
     if lock.is_file():  # as DVC had written it when the stage started
         tags["dvc.lock_sha256"] = sha256_file(lock)

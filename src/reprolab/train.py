@@ -32,7 +32,7 @@ from reprolab.checkpoint import (
     resume_state,
 )
 from reprolab.config import Config, with_tuned
-from reprolab.data import load_training_data
+from reprolab.data import load_meta, load_training_data
 from reprolab.ddp import from_rank0, same_everywhere, world
 from reprolab.device import seed_everything, select_device
 from reprolab.engine import FitResult, Hyper
@@ -46,8 +46,8 @@ from reprolab.files import (
 )
 from reprolab.launch import launch, one_trainer, ranks, worker_args
 from reprolab.lifecycle import interrupt_on_sigterm
-from reprolab.models import build, count_parameters, save_checkpoint, with_probabilities
-from reprolab.recipe import hyper_for, run_name, spec_for
+from reprolab.models import count_parameters, save_checkpoint, with_probabilities
+from reprolab.recipe import hyper_for, model_recipe, run_name
 
 log = logging.getLogger(__name__)
 
@@ -98,17 +98,21 @@ def train_locked(cfg: Config, device: torch.device, progress: bool) -> TrainResu
     from_rank0(lambda: check_replaceable(cfg.models_dir, model_files(cfg)))
     cfg = with_tuned(cfg)  # the config that trains, written to models/config.yaml
     seed_everything(cfg.seed, cfg.train.deterministic)
+    # the model first: a net that does not build, or weights that do not fit, is one line
+    recipe = model_recipe(cfg, load_meta(cfg.processed_dir))
+    model = recipe.build()
+    spec = recipe.spec
     meta, train_split, val_split = load_training_data(cfg.processed_dir, device)
-    spec = spec_for(cfg, meta)
-    model = build(spec).to(device)
-    hyper = hyper_for(cfg, cfg.train.epochs, device, meta["shape"])
-    identity = checkpoint_identity(cfg, hyper, meta, size)
+    model = model.to(device)
+    hyper = hyper_for(cfg, cfg.train.epochs, device, meta["shape"], model)
+    identity = checkpoint_identity(cfg, hyper, meta, size, spec)
     same_everywhere(identity, "config, data or number of ranks")
     resume = from_rank0(lambda: find_resume(cfg, identity))
     log.info("train: %s on %s (%s%s), %s lr=%.3g (from %s)", cfg.model.name, device,
              hyper.precision, f", {size} ranks" if size > 1 else "", cfg.train.optimizer,
              cfg.train.lr, "tune" if cfg.train.use_tuned else "params")
-    with recorded(cfg, meta, model, (train_split, val_split), device, hyper, resume) as run_id:
+    with recorded(cfg, meta, spec, model, (train_split, val_split), device, hyper,
+                  resume) as run_id:
         run_id = from_rank0(lambda: run_id)
         saver = None
         if rank == 0:  # the run holds the resumed epochs (log_missing_epochs)
@@ -139,9 +143,9 @@ def find_resume(cfg: Config, identity: str) -> dict[str, Any] | None:
 
 
 @contextlib.contextmanager
-def recorded(cfg: Config, meta: dict[str, Any], model: torch.nn.Module, splits: tuple[Any, Any],
-             device: torch.device, hyper: Hyper, resume: dict[str, Any] | None
-             ) -> Iterator[str | None]:
+def recorded(cfg: Config, meta: dict[str, Any], spec: dict[str, Any], model: torch.nn.Module,
+             splits: tuple[Any, Any], device: torch.device, hyper: Hyper,
+             resume: dict[str, Any] | None) -> Iterator[str | None]:
     """Rank 0: the MLflow run of this training (the checkpoint's, when the store has it), with
     its params, tags and datasets. The other ranks log nothing (-> None)."""
     if world()[0] != 0:
@@ -152,7 +156,7 @@ def recorded(cfg: Config, meta: dict[str, Any], model: torch.nn.Module, splits: 
         log.info("run %s is not in this MLflow store; starting a new run", resume["run_id"])
     size, backend = world()[1], dist.get_backend() if dist.is_initialized() else "none"
     ranks_tags = {"distributed.world_size": str(size), "distributed.backend": backend}
-    tags = {**tracking.lineage_tags(cfg, meta), **tracking.source_tags("train"),
+    tags = {**tracking.lineage_tags(cfg, meta, spec), **tracking.source_tags("train"),
             "device": str(device), "precision": hyper.precision, **ranks_tags}
     with tracking.start_run(run_name(cfg.model.name, cfg.train.optimizer, cfg.train.lr), tags,
                             run_id=resume_run) as run_id:

@@ -62,13 +62,15 @@ def study_name(cfg: Config, meta: dict[str, Any]) -> str:
 
 
 def study_fingerprint(cfg: Config, meta: dict[str, Any]) -> str:
-    """sha256 of what makes two trials comparable: data, split, model, search space and the
-    train knobs that trials use."""
+    """sha256 of what makes two trials comparable: data, split, model (with your network's code
+    and the weights it starts from), search space and the train knobs that trials use."""
+    from reprolab.recipe import model_identity
+
     identity = {
         "data": meta["manifest_sha256"],
         "split": cfg.data.model_dump(mode="json"),
         "seed": cfg.seed,
-        "model": cfg.model.model_dump(mode="json"),
+        "model": model_identity(cfg),
         "search": cfg.tune.model_dump(
             mode="json",
             exclude={"study", "n_trials", "timeout_s", "storage", "workers", "heartbeat_s",
@@ -179,8 +181,8 @@ def log_study_plots(study: Any) -> None:
         plt.close(figure)
 
 
-def make_objective(cfg: Config, meta: dict[str, Any], splits: tuple[Any, Any], device: Any,
-                   parent_run_id: str | None, run_tags: dict[str, str]
+def make_objective(cfg: Config, meta: dict[str, Any], recipe: Any, splits: tuple[Any, Any],
+                   device: Any, parent_run_id: str | None, run_tags: dict[str, str]
                    ) -> Callable[[Any], float]:
     """One trial: the model trained for tune.epochs at the trial's point, logged as one MLflow
     run (with `run_tags`: git and source); -> its last val/accuracy. Raises TrialPruned, or
@@ -191,19 +193,17 @@ def make_objective(cfg: Config, meta: dict[str, Any], splits: tuple[Any, Any], d
     from reprolab.config import with_train
     from reprolab.device import seed_everything
     from reprolab.engine import fit
-    from reprolab.models import build
-    from reprolab.recipe import hyper_for, short_lr, spec_for
+    from reprolab.recipe import hyper_for, short_lr
 
-    spec = spec_for(cfg, meta)
     train_split, val_split = splits
 
     def objective(trial: optuna.Trial) -> float:
         params = suggest(trial, cfg)
         seed_everything(cfg.seed)
-        model = build(spec).to(device)
+        model = recipe.build().to(device)
         # the trial's point overrides the train section, validated like params.yaml
         hyper = hyper_for(with_train(cfg, params, f"trial {trial.number}"), cfg.tune.epochs,
-                          device, meta["shape"])
+                          device, meta["shape"], model)
         pruned = False
         run_name = f"trial-{trial.number}-{params['optimizer']}-lr{short_lr(params['lr'])}"
         tags = {**run_tags, "optuna.trial": str(trial.number), "optuna.worker": worker_id()}
@@ -297,15 +297,19 @@ def run(cfg: Config, progress: bool = False, worker_index: int = 0,
 def _run(cfg: Config, progress: bool, worker_index: int, parent_run_id: str | None,
          join: bool, ready: Any) -> dict[str, Any]:
     from reprolab import tracking
-    from reprolab.data import load_training_data
+    from reprolab.data import load_meta, load_training_data
     from reprolab.device import select_device
     from reprolab.errors import TrainingDiverged
+    from reprolab.recipe import model_recipe
 
     n_local = cfg.tune.workers
     if join and parent_run_id is None:
         # a worker joining from elsewhere: seeds of its own, whatever its machine and start
         worker_index = 1000 + int(hashlib.sha256(worker_id().encode()).hexdigest()[:6], 16)
     device = share_machine(select_device(cfg.train.device), worker_index, n_local)
+    # the model first: a net that does not build, or weights that do not fit, is one line
+    recipe = model_recipe(cfg, load_meta(cfg.processed_dir))
+    recipe.build()
     meta, train_split, val_split = load_training_data(cfg.processed_dir, device)
     name = study_name(cfg, meta)
     tracking.configure(cfg, parent_run=parent_run_id)
@@ -316,8 +320,8 @@ def _run(cfg: Config, progress: bool, worker_index: int, parent_run_id: str | No
     study.sampler = make_sampler(cfg, worker_seed(study, cfg.seed, worker_index))
     run_tags = {**tracking.git_state(cfg.base_dir, (cfg.paths.reports,)),
                 **tracking.source_tags("tune")}
-    objective = make_objective(cfg, meta, (train_split, val_split), device, parent_run_id,
-                               run_tags)
+    objective = make_objective(cfg, meta, recipe, (train_split, val_split), device,
+                               parent_run_id, run_tags)
     budget = Budget(cfg.tune.n_trials, cfg.tune.failure_limit, cfg.tune.timeout_s)
 
     def work(claim: dict[str, str], owner: bool) -> str:

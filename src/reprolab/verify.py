@@ -85,6 +85,16 @@ def rebuild(repo: Path, commit: str, config: dict[str, Any], store: Path
         return kept, load_meta(tree / config["paths"]["processed"])
 
 
+def params_hash(config: dict[str, Any]) -> str:
+    """The params_hash of a recorded config (Config.params_hash), from the mapping itself: a
+    config written by an earlier version of reprolab may not validate any more."""
+    import hashlib
+    import json
+
+    blob = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
 def likely_reasons(tags: dict[str, str], config: dict[str, Any], meta: dict[str, Any]
                    ) -> list[str]:
     """What differs between where the version was built and this rebuild."""
@@ -93,7 +103,7 @@ def likely_reasons(tags: dict[str, str], config: dict[str, Any], meta: dict[str,
     from reprolab.device import select_device
 
     here = {
-        "params": Config.model_validate(config).params_hash,
+        "params": params_hash(config),
         "data": meta["manifest_sha256"],
         "processed data": processed_digest(meta),
         "torch version": torch.__version__,

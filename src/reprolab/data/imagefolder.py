@@ -226,15 +226,39 @@ def list_files(root: Path) -> tuple[list[tuple[Path, int]], list[str], list[str]
     return files, classes, ignored
 
 
+def slug(folder: str) -> str:
+    """A folder's name as part of a source name (`imagefolder-<slug>`): its last part, with
+    anything but letters, digits, `_`, `.` and `-` made `-`."""
+    import re
+    from pathlib import PurePosixPath
+
+    name = PurePosixPath(str(folder).rstrip("/")).name
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "images"
+
+
 def read(
     root: Path, channels: int | None, image_size: int | None, skip_bad: bool,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> tuple[np.ndarray, np.ndarray, list[str], list[str], list[str]]:
     """-> (uint8 images N x C x H x W, int64 labels, class names, skipped files, files that are
     not images by their extension)."""
+    files, classes, ignored = list_files(root)
+    images, labels, skipped = decode_files(files, root, channels, image_size, skip_bad,
+                                           max_pixels)
+    return images, labels, classes, skipped, ignored
+
+
+def decode_files(
+    files: list[tuple[Path, int]], root: Path, channels: int | None, image_size: int | None,
+    skip_bad: bool, max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """[(image file, label)] -> (uint8 images N x C x H x W, int64 labels, skipped files
+    relative to `root`): every image converted to one channel count (`channels`, or 1 when all
+    are grayscale) and size (`image_size`, or their own when all agree). An unreadable file is
+    refused in one line, or skipped and listed with `skip_bad`. Sources of your own use it too
+    (sources/example.py)."""
     from PIL import Image, UnidentifiedImageError
 
-    files, classes, ignored = list_files(root)
     skipped: list[str] = []
 
     def bad(path: Path, why: str) -> None:
@@ -283,4 +307,4 @@ def read(
             continue
         labels[kept] = label
         kept += 1
-    return images[:kept], labels[:kept], classes, skipped, ignored
+    return images[:kept], labels[:kept], skipped

@@ -9,15 +9,8 @@ from typing import Any
 import numpy as np
 
 from reprolab.config import Config
-from reprolab.data import (
-    MANIFEST,
-    META,
-    SPLITS,
-    data_entries,
-    digits,
-    imagefolder,
-    torchvision_sets,
-)
+from reprolab.data import MANIFEST, META, SPLITS, data_entries
+from reprolab.data.sources import Options
 from reprolab.errors import DataError
 from reprolab.files import atomic_dir, read_json, sha256_file, write_json
 from reprolab.lifecycle import startup_over
@@ -136,21 +129,22 @@ def fetch_skipped(manifest: dict[str, Any], raw_dir: Path, skip_bad: bool) -> li
     return sorted(skipped)
 
 
+def collect(chunks: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A split's chunks as one array of images and one of labels."""
+    xs, ys = zip(*chunks, strict=True) if chunks else ((), ())
+    if not xs:
+        return np.empty((0, 1, 1, 1), np.uint8), np.empty(0, np.int64)
+    return np.concatenate(xs), np.concatenate(ys).astype(np.int64)
+
+
 def read_raw(cfg: Config, raw_dir: Path):
-    """-> (images, labels, official test images or None, their labels, classes, skipped,
-    files left out for not being images by their extension)."""
-    dataset = cfg.data.dataset
-    if dataset == "digits":
-        images, labels, classes = digits.read(raw_dir)
-        return images, labels, None, None, classes, [], []
-    if dataset == "imagefolder":
-        images, labels, classes, skipped, ignored = imagefolder.read(
-            raw_dir, cfg.data.channels, cfg.data.image_size, cfg.data.skip_bad_images,
-            cfg.data.max_image_pixels,
-        )
-        return images, labels, None, None, classes, skipped, ignored
-    images, labels, test_x, test_y, classes = torchvision_sets.read(dataset, raw_dir)
-    return images, labels, test_x, test_y, classes, [], []
+    """The source's splits -> (images, labels, official test images or None, their labels,
+    classes, skipped, files left out for not being images by their extension)."""
+    images = cfg.source.read(raw_dir, Options.of(cfg.data))
+    x, y = collect(list(images.splits["train"]()))
+    test = images.splits.get("test")
+    tx, ty = collect(list(test())) if test else (None, None)
+    return x, y, tx, ty, images.classes, images.skipped, images.not_images
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -160,9 +154,9 @@ def run(cfg: Config) -> dict[str, Any]:
     manifest_hash = verify_manifest(raw_dir)
     manifest = read_json(raw_dir / MANIFEST)
     dataset = manifest["dataset"]
-    if dataset != cfg.data.dataset:
+    if dataset != cfg.source.name:
         raise DataError(
-            f"{raw_dir / MANIFEST}: holds dataset {dataset!r}, params say {cfg.data.dataset!r}"
+            f"{raw_dir / MANIFEST}: holds dataset {dataset!r}, params say {cfg.source.name!r}"
         )
     left_out = fetch_skipped(manifest, raw_dir, cfg.data.skip_bad_images)
     startup_over()  # reading the raw files can be long: the garbage collector back on

@@ -1,0 +1,1 @@
+"""Your own networks, plugged in by import path: `model.name: nets.example:TinyNet`."""

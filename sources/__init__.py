@@ -1,0 +1,1 @@
+"""Your own data sources, plugged in by import path: `data.dataset: sources.example:CsvSource`."""
