@@ -385,3 +385,18 @@ def test_the_registered_model_of_your_network_predicts_without_nets_on_the_path(
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == 10
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "rmsprop"])
+def test_every_optimizer_trains_a_backbone_after_its_frozen_epochs(processed_once, optimizer):
+    """The backbone's parameters have no optimizer state while frozen, the head's do: each
+    optimizer (fused SGD included) starts the backbone's state when it thaws."""
+    meta, train_split, val = _digits(processed_once)
+    model = _tiny(meta, 10, seed=0)
+    before = model[1].backbone[0].weight.detach().clone()
+    seen = []
+    fit(model, Split(train_split.x[:64], train_split.y[:64]), val,
+        Hyper(optimizer=optimizer, lr=0.01, epochs=2, batch_size=16, head=head_name(model),
+              freeze_epochs=1, backbone_lr_scale=0.5),
+        on_epoch=lambda row: seen.append(model[1].backbone[0].weight.detach().clone()))
+    assert torch.equal(seen[0], before) and not torch.equal(seen[1], before)

@@ -416,6 +416,16 @@ def test_your_own_network_through_dvc_exp_run(repro, tmp_path):
         assert any("nets" in c.get("changed deps", {}) for c in changes), (stage, stale)
     assert "fetch" not in stale and "preprocess" not in stale
 
+    # fine-tuning through DVC: the trained net's weights, added to DVC, start the next model
+    shutil.copy(dest / "models" / "model.pt", dest / "weights" / "tiny.pt")
+    sh(tool("dvc"), "add", "weights/tiny.pt", cwd=dest)
+    net.write_text(TINY_NET)
+    sh(tool("dvc"), "exp", "run", "-S", "model.pretrained=weights/tiny.pt", "-S",
+       "train.freeze_backbone=1", cwd=dest)
+    tuned = __import__("torch").load(dest / "models/model.pt", weights_only=True)
+    assert tuned["spec"]["pretrained"] == {"source": "weights/tiny.pt",
+                                           "sha256": sha256_file(dest / "weights/tiny.pt")}
+
     shutil.move(dest / "nets", tmp_path / "nets-away")  # no network code left in the project
     from PIL import Image
 

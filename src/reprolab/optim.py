@@ -42,11 +42,12 @@ SCHEDULES = ("constant", "cosine", "onecycle")
 
 
 def param_groups(model: Any, hp: Hyper) -> list[dict[str, Any]]:
-    """One group of every parameter; with a backbone learning rate of its own
-    (`backbone_lr_scale` below 1 and a head named), the backbone's group first at lr x scale,
-    then the head's at lr."""
+    """One group of every parameter; when fine-tuning (a head named), the backbone's group first
+    at lr x backbone_lr_scale, then the head's at lr. Two groups also keep each group's state
+    uniform when a frozen backbone starts to train (fused SGD refuses momentum buffers that
+    exist for some parameters of a group and not for others)."""
     named = list(model.named_parameters())
-    if not hp.head or hp.backbone_lr_scale == 1.0:
+    if not hp.head:
         return [{"params": [p for _, p in named]}]
     head = [p for n, p in named if n.startswith(hp.head + ".")]
     backbone = [p for n, p in named if not n.startswith(hp.head + ".")]
