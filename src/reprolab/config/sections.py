@@ -1,41 +1,29 @@
-"""params.yaml (+ `-S key.path=value` overrides) -> one frozen, typed config.
-
-All validation lives here, and it happens before any stage does any work: an unknown key, a
-wrong type or an out-of-range value raises `ConfigError` with one line that names the key, the bad
-value and what is allowed. Derived values (absolute paths, store URIs) are properties.
-"""
+"""The sections of params.yaml, one class each, with the rules of their keys. An unknown key,
+a wrong type or an out-of-range value is refused with one line that names the key, the value and
+what is allowed; the names a key may take come from the tables they name (models, optimizers,
+data sources, metrics)."""
 
 from __future__ import annotations
 
 import difflib
-import functools
-import hashlib
 import itertools
-import json
-import os
 import re
-import warnings
-from collections.abc import Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     AllowInfNan,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
-    PrivateAttr,
     Strict,
     StrictBool,
     StrictStr,
-    ValidationError,
     model_validator,
 )
 
 from reprolab.data import sources
-from reprolab.errors import ConfigError
 from reprolab.metrics import BUILTIN as METRICS
 from reprolab.metrics import NAME as METRIC_NAME
 from reprolab.models import name_problem
@@ -45,8 +33,6 @@ from reprolab.plugins import is_import_path
 # the allowed names come from the tables they name (optim.py, data/sources.py, metrics.py)
 Optimizer = Literal[tuple(OPTIMIZERS)]
 WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors")
-# keys that moved: the old key's error names the new one
-MOVED = {"model.hidden": "model.kwargs.hidden", "model.width": "model.kwargs.width"}
 STORAGE_SCHEMES = ("postgresql", "mysql", "mariadb", "sqlite")
 # MLflow 3 refuses file stores (file:// or a plain path) unless MLFLOW_ALLOW_FILE_STORE is set
 TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks")
@@ -361,328 +347,3 @@ class Register(_Section):
 
 class Tracking(_Section):
     experiment: StrictStr = Field(min_length=1)
-
-
-with warnings.catch_warnings():
-    # `register` is the stage's name; it shadows only ABCMeta.register, which nothing here uses.
-    warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
-
-    class Config(_Section):
-        seed: Int = Field(ge=0)
-        paths: Paths
-        data: Data
-        model: Model
-        train: Train
-        tune: Tune
-        evaluate: Evaluate
-        register: Register
-        tracking: Tracking
-
-        # Where the params file lives: stage outputs resolve against it. Not a knob.
-        _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
-
-        @model_validator(mode="after")
-        def _gate_metric_exists(self) -> Config:
-            metric = self.register.metric
-            if metric not in METRICS and metric not in self.evaluate.metrics:
-                own = f", or one of evaluate.metrics ({', '.join(self.evaluate.metrics)})" \
-                    if self.evaluate.metrics else ", or a metric of your own in evaluate.metrics"
-                raise ValueError(f"register.metric = {metric!r}: not a metric evaluate computes;"
-                                 f" allowed: {', '.join(METRICS)}{own}")
-            if (self.train.freeze_backbone or self.train.backbone_lr_scale != 1.0) and \
-                    not self.model.pretrained:
-                raise ValueError(
-                    "train.freeze_backbone / train.backbone_lr_scale: fine-tuning knobs, but "
-                    "model.pretrained is null (nothing to fine-tune); allowed: false and 1.0, "
-                    "or set model.pretrained")
-            return self
-
-        # ---- the data source (data/sources.py) ----
-
-        @functools.cached_property
-        def source(self) -> Any:
-            """The configured data source; your own is imported (from the repository's
-            sources/) and checked against the contract here."""
-            return sources.make(self.data, self._base_dir)
-
-        @property
-        def weights_dir(self) -> Path:
-            return self._path(self.paths.weights)
-
-        # ---- derived paths (DVC outputs, relative to the repository) ----
-
-        def _path(self, rel: str) -> Path:
-            return self._base_dir / rel
-
-        @property
-        def base_dir(self) -> Path:
-            return self._base_dir
-
-        @property
-        def raw_dir(self) -> Path:
-            """<paths.raw>/<the source's name>/: fetch writes it, preprocess reads it."""
-            return self._path(self.paths.raw) / self.source.name
-
-        @property
-        def processed_dir(self) -> Path:
-            return self._path(self.paths.processed)
-
-        @property
-        def models_dir(self) -> Path:
-            return self._path(self.paths.models)
-
-        @property
-        def model_file(self) -> Path:
-            """train's checkpoint of the final model: evaluate measures it, register binds to it."""
-            return self.models_dir / "model.pt"
-
-        @property
-        def metrics_file(self) -> Path:
-            """evaluate's test metrics: register reads them."""
-            return self.report_dir("evaluate") / "metrics.json"
-
-        @property
-        def evaluated_file(self) -> Path:
-            """Which model evaluate measured (sha256): register checks it is the one in models/."""
-            return self.report_dir("evaluate") / "evaluated.json"
-
-        @property
-        def history_file(self) -> Path:
-            """train's metrics per epoch: evaluate draws the learning curve from them."""
-            return self.report_dir("train") / "history.csv"
-
-        def report_dir(self, stage: str) -> Path:
-            return self._path(self.paths.reports) / stage
-
-        @property
-        def best_params_file(self) -> Path:
-            """tune writes it, train reads it when train.use_tuned."""
-            return self.report_dir("tune") / "best_params.yaml"
-
-        @property
-        def checkpoint_file(self) -> Path:
-            """train's resume checkpoint: not a DVC output, which DVC would delete first."""
-            return self._path(self.paths.checkpoints) / "train.pt"
-
-        # ---- stores (never inside a DVC output) ----
-
-        @property
-        def store_root(self) -> Path:
-            """The real repository root, also from inside `dvc exp run --temp/--queue` copies.
-
-            DVC sets DVC_ROOT for every stage it runs, and points it at the parent repository for
-            queued and temporary experiments, so every experiment writes into the same stores.
-            """
-            return Path(os.environ.get("DVC_ROOT") or self._base_dir).resolve()
-
-        @property
-        def mlflow_uri(self) -> str:
-            env = os.environ.get("MLFLOW_TRACKING_URI")
-            if env:
-                # checked before MLflow opens it: a typo would otherwise surface as a traceback
-                file_store = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() == "true"
-                if env != "databricks" and _scheme(env) not in TRACKING_SCHEMES and \
-                        not file_store:
-                    raise ConfigError(
-                        f"MLFLOW_TRACKING_URI = {env!r}: not a tracking store MLflow opens; "
-                        f"allowed schemes: {', '.join(TRACKING_SCHEMES)} (for a local store: "
-                        "sqlite:///path/mlflow.db)"
-                    )
-                return env
-            return f"sqlite:///{self.store_root / self.paths.mlflow_db}"
-
-        @property
-        def mlflow_store_dir(self) -> Path | None:
-            """The folder of an embedded (sqlite) MLflow store; None for a server."""
-            uri = self.mlflow_uri
-            if not uri.startswith("sqlite:///"):
-                return None
-            return Path(uri.removeprefix("sqlite:///")).parent
-
-        @property
-        def mlflow_artifact_root(self) -> Path | None:
-            """Artifacts of an embedded store live beside its database; a server chooses."""
-            store = self.mlflow_store_dir
-            return store / "mlartifacts" if store else None
-
-        @property
-        def optuna_journal(self) -> Path:
-            return self.store_root / self.paths.optuna_journal
-
-        # ---- the registry ----
-
-        @property
-        def registered_model_name(self) -> str:
-            """register.model_name, or one name per data source (`reprolab-digits`; your own
-            images: `reprolab-imagefolder-<folder>`), so that each dataset has its own
-            champion. The input shape is checked by register against the registered model's
-            tag."""
-            return self.register.model_name or f"reprolab-{self.source.name}"
-
-        # ---- identity ----
-
-        def as_dict(self) -> dict[str, Any]:
-            return self.model_dump(mode="json")
-
-        def flat(self) -> dict[str, Any]:
-            """`train.lr`-style keys, as MLflow params."""
-            return _flatten(self.as_dict())
-
-        @property
-        def params_hash(self) -> str:
-            blob = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
-            return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, name + "."))
-        elif isinstance(value, list | tuple):
-            out[name] = ",".join(map(str, value))
-        else:
-            out[name] = value
-    return out
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`train.lr=0.01` -> (["train", "lr"], 0.01); the value is read as YAML, as DVC's -S does."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"-S {text!r}: expected key.path=value, e.g. -S train.lr=0.01")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return key.strip().split("."), value
-
-
-def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = tree
-        for depth, key in enumerate(keys[:-1]):
-            child = node.get(key)
-            if child is None:
-                child = node[key] = {}  # unknown section: validation names it below
-            if not isinstance(child, dict):
-                where = ".".join(keys[: depth + 1])
-                raise ConfigError(f"-S {text}: {where} is a value, not a section")
-            node = child
-        node[keys[-1]] = value
-    return tree
-
-
-def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
-    """The keys that the section holding `loc` accepts, to say what is allowed."""
-    model: type[BaseModel] = Config
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        ann = field.annotation if field else None
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return []
-        model = ann
-    return list(model.model_fields)
-
-
-def _describe(error: dict[str, Any]) -> str:
-    loc = tuple(error["loc"])
-    key = ".".join(str(p) for p in loc) or "(top level)"
-    kind = error["type"]
-    if kind == "extra_forbidden" and key in MOVED:
-        return (f"{key}: moved to {MOVED[key]} (the model's keyword arguments: "
-                f"-S {MOVED[key]}={error['input']!r})")
-    if kind == "extra_forbidden":
-        allowed = _allowed_keys(loc)
-        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-        prefix = ".".join(str(p) for p in loc[:-1])
-        hint = f"did you mean {prefix + '.' if prefix else ''}{close[0]}? " if close else ""
-        return f"unknown key {key}; {hint}allowed keys here: {', '.join(allowed)}"
-    if kind == "missing":
-        return f"{key}: missing; every knob must be set in params.yaml"
-    msg = error["msg"]
-    if msg.startswith("Value error, "):
-        return msg.removeprefix("Value error, ")  # our validators name their keys
-    return f"{key} = {error['input']!r}: {msg[0].lower()}{msg[1:]}"
-
-
-class DuplicateKey(yaml.YAMLError):
-    pass
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one
-    silently, so a second `lr:` would override the first without a word)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise DuplicateKey(
-                    f"key {key!r} appears twice in one section (lines {seen[key]} and "
-                    f"{key_node.start_mark.line + 1}); keep one"
-                )
-            seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep=deep)
-
-
-def load_config(
-    params: str | os.PathLike[str] = "params.yaml", overrides: Sequence[str] = ()
-) -> Config:
-    path = Path(params)
-    try:
-        tree = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: params file not found") from None
-    except DuplicateKey as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    tree = apply_overrides(tree, list(overrides))
-    source = f"{path}" + (" with -S overrides" if overrides else "")
-    return _validate(tree, source, path.resolve().parent)
-
-
-def _validate(tree: dict[str, Any], source: str, base_dir: Path) -> Config:
-    try:
-        cfg = Config.model_validate(tree)
-    except ValidationError as exc:
-        # a typo is both an unknown key and a missing one: name the typo
-        first = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
-        raise ConfigError(f"{source}: {_describe(first)}") from None
-    cfg._base_dir = base_dir
-    return cfg
-
-
-def with_train(cfg: Config, values: dict[str, Any], source: str) -> Config:
-    """`cfg` with `values` in place of keys of its train section, validated like params.yaml:
-    tuned hyperparameters (and a tuning trial's point) become the config that trains."""
-    tree = cfg.as_dict()
-    tree["train"] = {**tree["train"], **values}
-    return _validate(tree, source, cfg.base_dir)
-
-
-def with_tuned(cfg: Config) -> Config:
-    """The config that trains: with train.use_tuned, tune's best params override the train
-    section. Its params_hash tells two differently tuned models apart."""
-    if not cfg.train.use_tuned:
-        return cfg
-    path = cfg.best_params_file
-    if not path.is_file():
-        raise ConfigError(
-            f"{path}: not found; run `reprolab tune` first, or set train.use_tuned: false"
-        )
-    try:
-        best = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
-        best = None
-    if not isinstance(best, dict):
-        raise ConfigError(f"{path}: expected a mapping of train keys (lr, optimizer, ...)")
-    return with_train(cfg, best, str(path))
