@@ -20,7 +20,7 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import REPO
-from reprolab import registry, tracking, train
+from reprolab import registry, tags, train
 from reprolab.config import load_config
 from reprolab.models import with_probabilities
 from test_e2e import VENV, sh, shell_env, tool
@@ -138,14 +138,14 @@ def test_rank_0_alone_records_one_run_and_one_plain_model(two_ranks, one_process
     # the logged model is the trained plain module: the same answers as models/model.pt
     from reprolab.models import load_checkpoint
 
-    logged, _, _ = registry.load_classifier(run.data.tags[tracking.MODEL_URI_TAG])
+    logged, _, _ = registry.load_classifier(run.data.tags[tags.MODEL_URI])
     model, _ = load_checkpoint(cfg.model_file)
     x = torch.load(cfg.processed_dir / "val.pt", weights_only=True)["x"][:16].float()
     with torch.no_grad():
         assert torch.allclose(logged(x), with_probabilities(model.eval())(x), atol=1e-6)
     # one process and two log the same kind of model: the same signature, the same flavor
     alone = registry.load_classifier(one_process[1].model_uri)
-    assert alone[1:] == registry.load_classifier(run.data.tags[tracking.MODEL_URI_TAG])[1:]
+    assert alone[1:] == registry.load_classifier(run.data.tags[tags.MODEL_URI])[1:]
 
 
 def _rank_pid(launcher_pid: int, rank: int) -> int | None:

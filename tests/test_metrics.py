@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from reprolab.evaluate import per_class_report, predictions_csv
-from reprolab.gate import DATA_TAG, decide
+from reprolab.gate import decide
 from reprolab.metrics import classification_metrics
+from reprolab.tags import DATA_MANIFEST
 
 
 def test_classification_metrics_match_hand_computed_values():
@@ -51,7 +52,7 @@ def test_predictions_csv_uses_class_names():
 
 
 def _champion(value: float, data: str = "d1") -> dict:
-    return {"version": "3", "tags": {DATA_TAG: data, "test/f1_macro": f"{value:.6f}"}}
+    return {"version": "3", "tags": {DATA_MANIFEST: data, "test/f1_macro": f"{value:.6f}"}}
 
 
 @pytest.mark.parametrize(

@@ -29,8 +29,6 @@ log = logging.getLogger(__name__)
 
 # Part of a checkpoint's identity: bumped when what a checkpoint holds changes.
 CHECKPOINT_FORMAT = 2
-# Knobs that change no result: a checkpoint stays good across them (the ranks are counted apart).
-NOT_IN_IDENTITY = ("checkpoint_every_s", "processes")
 
 
 def checkpoint_identity(cfg: Config, hyper: Hyper, meta: dict[str, Any], ranks: int,
@@ -40,7 +38,8 @@ def checkpoint_identity(cfg: Config, hyper: Hyper, meta: dict[str, Any], ranks: 
     code and the pretrained weights by their sha256), the number of ranks (they sum in another
     order) and the checkpoint's format."""
     tree = cfg.as_dict()
-    tree["train"] = {k: v for k, v in tree["train"].items() if k not in NOT_IN_IDENTITY}
+    # knobs that change no result keep a checkpoint good (the ranks are counted apart below)
+    tree["train"] = {k: v for k, v in tree["train"].items() if k not in cfg.train.NO_RESULT}
     config = json.dumps(tree, sort_keys=True, separators=(",", ":"))
     model = json.dumps(spec, sort_keys=True, separators=(",", ":"))
     blob = f"{config}|{hyper}|{meta['manifest_sha256']}|{model}|{ranks}|{CHECKPOINT_FORMAT}"

@@ -75,10 +75,6 @@ class FitResult:
     def last(self) -> dict[str, float]:
         return self.history[-1]
 
-    @property
-    def best_val_accuracy(self) -> float:
-        return max(row[MONITOR] for row in self.history)
-
 
 # ---- evaluation ----
 

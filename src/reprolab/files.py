@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,23 +53,21 @@ def atomic_path(path: Path) -> Iterator[Path]:
                 os.unlink(tmp)
 
 
-def replaceable(path: Path, names: Iterable[str] = ()) -> bool:
-    """Whether atomic_dir may replace `path`: absent, written by reprolab (MARKER), or a folder
-    holding nothing but the entries `names` (what the stage writes there, for folders written
-    before the marker existed)."""
+def replaceable(path: Path) -> bool:
+    """Whether atomic_dir may replace `path`: absent, or a folder that reprolab wrote (MARKER)."""
     if not path.exists():
         return True
     if not path.is_dir() or path.is_symlink():
         return False
-    return (path / MARKER).is_file() or {p.name for p in path.iterdir()} <= set(names)
+    return (path / MARKER).is_file()
 
 
-def check_replaceable(path: Path, names: Iterable[str] = ()) -> None:
+def check_replaceable(path: Path) -> None:
     """Refuse, with one line, an output folder that atomic_dir would not replace (a stage
     calls it before its work too, so that nothing is spent on outputs it cannot write)."""
     from reprolab.errors import ConfigError
 
-    if not replaceable(path, names):
+    if not replaceable(path):
         raise ConfigError(
             f"{path}: exists and was not written by reprolab (no {MARKER} inside); refusing to "
             "replace it: move it away, or point this output's paths.* knob elsewhere"
@@ -77,13 +75,13 @@ def check_replaceable(path: Path, names: Iterable[str] = ()) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: Path, names: Iterable[str] = ()) -> Iterator[Path]:
+def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield a temp folder beside `path`; on success it takes the place of `path`.
 
     An existing `path` is replaced only when reprolab wrote it (see `replaceable`): anything
     else there is refused with one line and left as it is.
     """
-    check_replaceable(path, names)
+    check_replaceable(path)
     with write_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))

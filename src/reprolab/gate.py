@@ -21,19 +21,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reprolab.errors import ConfigError
+from reprolab.tags import (
+    DATA_MANIFEST,
+    GATE_DELTA,
+    GATE_METRIC,
+    INPUT_SHAPE,
+    MODEL_DATASET,
+    MODEL_SHAPE,
+    PROMOTIONS,
+    test_metric,
+)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
-DATA_TAG = "data.manifest_sha256"
-DATASET_TAG = "data.dataset"
-# C x H x W that the version's model takes, e.g. "1x8x8"
-SHAPE_TAG = "model.input_shape"
-# The gate is the registered model's, not one process's: every register of one model must agree.
-GATE_METRIC_TAG, GATE_DELTA_TAG = "reprolab.gate.metric", "reprolab.gate.min_delta"
-# What the registered model holds: one dataset, one input shape.
-MODEL_DATASET_TAG, MODEL_SHAPE_TAG = "reprolab.dataset", "reprolab.input_shape"
-# On a version: its promotions by hand, "AFTER@UTC-TIME" separated by spaces (AFTER: the highest
-# version number when it was promoted).
-PROMOTIONS_TAG = "reprolab.promotions"
 
 
 def shape_text(shape: tuple[int, ...] | list[int]) -> str:
@@ -48,18 +47,18 @@ def decide(
     if champion is None:
         return True, "no champion yet"
     tags = champion["tags"]
-    if shape and tags.get(SHAPE_TAG, shape) != shape:
+    if shape and tags.get(INPUT_SHAPE, shape) != shape:
         return False, (
-            f"champion v{champion['version']} takes {tags[SHAPE_TAG]} images, this one {shape}; "
+            f"champion v{champion['version']} takes {tags[INPUT_SHAPE]} images, this one {shape}; "
             "not comparable"
         )
-    if tags.get(DATA_TAG) != data_hash:
+    if tags.get(DATA_MANIFEST) != data_hash:
         return False, (
             f"champion v{champion['version']} was evaluated on other test data "
-            f"({tags.get(DATA_TAG, 'unknown')[:12]} vs {data_hash[:12]}); not comparable "
+            f"({tags.get(DATA_MANIFEST, 'unknown')[:12]} vs {data_hash[:12]}); not comparable "
             "(promote it by hand: `reprolab promote NAME VERSION`)"
         )
-    best = float(tags[f"test/{metric}"])
+    best = float(tags[test_metric(metric)])
     if value > best + min_delta:
         return True, f"test/{metric} {value:.4f} beats champion v{champion['version']} {best:.4f}"
     return False, (
@@ -81,7 +80,7 @@ class Replay:
 def promotions(tags: dict[str, str]) -> list[tuple[int, str]]:
     """A version's promotions by hand -> [(after version number, UTC time)]."""
     out = []
-    for entry in tags.get(PROMOTIONS_TAG, "").split():
+    for entry in tags.get(PROMOTIONS, "").split():
         after, _, when = entry.partition("@")
         if after.isdigit():
             out.append((int(after), when))
@@ -122,12 +121,12 @@ def replay(versions: list[dict[str, Any]], metric: str, min_delta: float) -> Rep
             champion = version
             challenger = None if challenger == number else challenger
             continue
-        if f"test/{metric}" not in tags or DATA_TAG not in tags:
+        if test_metric(metric) not in tags or DATA_MANIFEST not in tags:
             verdicts[number] = (False, f"no test/{metric} tag; not compared")
             why[number] = f"at registration: {verdicts[number][1]}"
             continue
-        promote, reason = decide(metric, float(tags[f"test/{metric}"]), tags[DATA_TAG],
-                                 champion, min_delta, tags.get(SHAPE_TAG))
+        promote, reason = decide(metric, float(tags[test_metric(metric)]), tags[DATA_MANIFEST],
+                                 champion, min_delta, tags.get(INPUT_SHAPE))
         verdicts[number] = (promote, reason)
         why[number] = f"at registration: {reason}"
         if promote:
@@ -155,12 +154,12 @@ def description(number: str, result: Replay) -> str:
 
 def check_gate(name: str, stored: dict[str, str], metric: str, min_delta: float) -> None:
     """Processes with different gates would undo each other's aliases: refuse a mismatch."""
-    want = {GATE_METRIC_TAG: metric, GATE_DELTA_TAG: repr(float(min_delta))}
+    want = {GATE_METRIC: metric, GATE_DELTA: repr(float(min_delta))}
     for key, value in want.items():
         if key in stored and stored[key] != value:
             raise ConfigError(
                 f"register.metric/min_delta = {metric}/{min_delta:g}: registered model {name!r} "
-                f"is gated on {stored.get(GATE_METRIC_TAG)}/{stored.get(GATE_DELTA_TAG)} "
+                f"is gated on {stored.get(GATE_METRIC)}/{stored.get(GATE_DELTA)} "
                 "(its tags); use those, or another register.model_name"
             )
 
@@ -168,7 +167,7 @@ def check_gate(name: str, stored: dict[str, str], metric: str, min_delta: float)
 def check_holds(name: str, stored: dict[str, str], dataset: str, shape: str) -> None:
     """One registered model, one dataset and input shape: a champion of 8x8 digits must never be
     compared with, or replaced by, a model of 28x28 MNIST images (nor served in its place)."""
-    held = (stored.get(MODEL_DATASET_TAG, dataset), stored.get(MODEL_SHAPE_TAG, shape))
+    held = (stored.get(MODEL_DATASET, dataset), stored.get(MODEL_SHAPE, shape))
     if held[0] == "imagefolder" and dataset.startswith("imagefolder-"):
         # registered before each folder's source had a name of its own: the model's name
         # (reprolab-imagefolder-<folder>) tied it to one folder then too
@@ -183,4 +182,4 @@ def check_holds(name: str, stored: dict[str, str], dataset: str, shape: str) -> 
 
 def replay_state(versions: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """What the replay reads: the versions and their promotions by hand."""
-    return [(v["version"], v["tags"].get(PROMOTIONS_TAG, "")) for v in versions]
+    return [(v["version"], v["tags"].get(PROMOTIONS, "")) for v in versions]

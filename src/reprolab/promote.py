@@ -8,19 +8,21 @@ from typing import Any
 
 from reprolab.config import Config
 from reprolab.errors import DataError
-from reprolab.gate import (
-    DATA_TAG,
-    DATASET_TAG,
-    GATE_DELTA_TAG,
-    GATE_METRIC_TAG,
-    MODEL_DATASET_TAG,
-    MODEL_SHAPE_TAG,
-    PROMOTIONS_TAG,
-    SHAPE_TAG,
-    description,
-    replay,
-)
+from reprolab.gate import description, replay
 from reprolab.register import settle_aliases
+from reprolab.tags import (
+    DATA_MANIFEST,
+    DATASET,
+    GATE_DELTA,
+    GATE_METRIC,
+    INPUT_SHAPE,
+    MODEL_DATASET,
+    MODEL_HASH,
+    MODEL_SHAPE,
+    PROMOTIONS,
+    TRAINING_RUN,
+    test_metric,
+)
 
 
 def check_lineage(name: str, version: dict[str, Any], stored: dict[str, str], metric: str
@@ -32,24 +34,24 @@ def check_lineage(name: str, version: dict[str, Any], stored: dict[str, str], me
 
     number, tags = version["version"], version["tags"]
     where = f"{name} v{number}"
-    for key in (tracking.MODEL_HASH_TAG, DATA_TAG, f"test/{metric}", "training_run_id"):
+    for key in (MODEL_HASH, DATA_MANIFEST, test_metric(metric), TRAINING_RUN):
         if key not in tags:
             raise DataError(f"{where}: no {key} tag (not registered by `reprolab register`); "
                             "only a version with its lineage can become champion")
-    for key, model_key in ((SHAPE_TAG, MODEL_SHAPE_TAG), (DATASET_TAG, MODEL_DATASET_TAG)):
+    for key, model_key in ((INPUT_SHAPE, MODEL_SHAPE), (DATASET, MODEL_DATASET)):
         if model_key in stored and tags.get(key) != stored[model_key]:
             raise DataError(f"{where}: {key} {tags.get(key)}, but registered model {name!r} "
                             f"holds {stored[model_key]} (its tags); not promoted")
-    run_id = tags["training_run_id"]
+    run_id = tags[TRAINING_RUN]
     record = tracking.run_record(run_id)
     if record is None or record["status"] != "FINISHED":
         state = "not in this MLflow store" if record is None else record["status"]
         raise DataError(f"{where}: its training run {run_id} is {state}; not promoted")
-    if record["tags"].get(tracking.MODEL_HASH_TAG) != tags[tracking.MODEL_HASH_TAG]:
+    if record["tags"].get(MODEL_HASH) != tags[MODEL_HASH]:
         raise DataError(f"{where}: its training run {run_id} did not write this model "
-                        f"({tracking.MODEL_HASH_TAG} differs); not promoted")
-    logged = record["metrics"].get(f"test/{metric}")
-    if logged is None or abs(logged - float(tags[f"test/{metric}"])) > 1e-6:
+                        f"({MODEL_HASH} differs); not promoted")
+    logged = record["metrics"].get(test_metric(metric))
+    if logged is None or abs(logged - float(tags[test_metric(metric)])) > 1e-6:
         raise DataError(f"{where}: test/{metric} {tags[f'test/{metric}']} is not what evaluate "
                         f"logged on run {run_id} ({logged}); not promoted")
 
@@ -62,19 +64,19 @@ def promote(name: str, number: str) -> dict[str, Any]:
     version = registry.registered_version(f"models:/{name}/{number}")  # refuses a missing one
     number = version["version"]
     stored = registry.registered_model_tags(name)
-    metric = stored.get(GATE_METRIC_TAG)
+    metric = stored.get(GATE_METRIC)
     if metric is None:
-        raise DataError(f"registered model {name!r}: no {GATE_METRIC_TAG} tag (not created by "
+        raise DataError(f"registered model {name!r}: no {GATE_METRIC} tag (not created by "
                         "`reprolab register`); nothing to promote through")
-    min_delta = float(stored.get(GATE_DELTA_TAG, "0"))
+    min_delta = float(stored.get(GATE_DELTA, "0"))
     check_lineage(name, version, stored, metric)
     versions = registry.model_versions(name)
     before = replay(versions, metric, min_delta).champion
     if before != number:
         after = max(int(v["version"]) for v in versions)
         when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        entries = f"{version['tags'].get(PROMOTIONS_TAG, '')} {after}@{when}".strip()
-        registry.set_version_tag(name, number, PROMOTIONS_TAG, entries)
+        entries = f"{version['tags'].get(PROMOTIONS, '')} {after}@{when}".strip()
+        registry.set_version_tag(name, number, PROMOTIONS, entries)
     result, _ = settle_aliases(name, metric, min_delta)
     return {"model_name": name, "version": number, "previous": before,
             "champion": result.champion, "challenger": result.challenger,

@@ -19,12 +19,6 @@ from reprolab.files import read_json, sha256_file, write_json
 from reprolab.gate import (
     CHALLENGER,
     CHAMPION,
-    DATASET_TAG,
-    GATE_DELTA_TAG,
-    GATE_METRIC_TAG,
-    MODEL_DATASET_TAG,
-    MODEL_SHAPE_TAG,
-    SHAPE_TAG,
     Replay,
     check_gate,
     check_holds,
@@ -32,6 +26,17 @@ from reprolab.gate import (
     replay,
     replay_state,
     shape_text,
+)
+from reprolab.tags import (
+    DATASET,
+    GATE_DELTA,
+    GATE_METRIC,
+    INPUT_SHAPE,
+    MODEL_DATASET,
+    MODEL_HASH,
+    MODEL_SHAPE,
+    TRAINING_RUN,
+    test_metric,
 )
 
 log = logging.getLogger(__name__)
@@ -64,8 +69,8 @@ def registered_model(name: str, metric: str, min_delta: float, dataset: str, sha
     (a model registered before a tag existed adopts it)."""
     from reprolab import registry
 
-    want = {GATE_METRIC_TAG: metric, GATE_DELTA_TAG: repr(float(min_delta)),
-            MODEL_DATASET_TAG: dataset, MODEL_SHAPE_TAG: shape}
+    want = {GATE_METRIC: metric, GATE_DELTA: repr(float(min_delta)),
+            MODEL_DATASET: dataset, MODEL_SHAPE: shape}
     stored = registry.ensure_registered_model(name, want)
     check_gate(name, stored, metric, min_delta)
     check_holds(name, stored, dataset, shape)
@@ -101,10 +106,10 @@ def settle_aliases(name: str, metric: str, min_delta: float) -> tuple[Replay, li
 def one_version_per_model(name: str, version: str, model_hash: str) -> str:
     """Two machines registering the same model file at the same instant both create a version;
     the one with the higher number deletes its own, so each model is registered once."""
-    from reprolab import registry, tracking
+    from reprolab import registry
 
     same = [v["version"] for v in registry.model_versions(name)
-            if v["tags"].get(tracking.MODEL_HASH_TAG) == model_hash]
+            if v["tags"].get(MODEL_HASH) == model_hash]
     first = min(same, key=int, default=version)
     if first != version:
         registry.delete_version(name, version)
@@ -119,7 +124,7 @@ def skipped(cfg: Config, metrics: dict[str, float]) -> dict[str, Any]:
         "model_name": cfg.registered_model_name, "version": None, "alias": None,
         "promoted": False, "skipped": True,
         "reason": "register.enabled is false: not registered",
-        "metric": f"test/{metric}", "value": float(metrics[metric]),
+        "metric": test_metric(metric), "value": float(metrics[metric]),
         "champion": None, "challenger": None,
     }
     write_json(cfg.report_dir("register") / DECISION_FILE, decision)
@@ -138,17 +143,17 @@ def run(cfg: Config) -> dict[str, Any]:
         cfg.register.min_delta
     # the shape the logged model takes (its signature), the dataset its run trained on
     shape = shape_text(tracking.model_input_shape(run_info["model_uri"]))
-    dataset = run_info["tags"].get(DATASET_TAG, cfg.data.dataset)
+    dataset = run_info["tags"].get(DATASET, cfg.data.dataset)
     registered_model(name, metric, min_delta, dataset, shape)
 
     tags = {
         **run_info["tags"],
-        "training_run_id": run_info["run_id"],
-        SHAPE_TAG: shape,
-        **{f"test/{k}": f"{v:.6f}" for k, v in metrics.items()},
+        TRAINING_RUN: run_info["run_id"],
+        INPUT_SHAPE: shape,
+        **{test_metric(k): f"{v:.6f}" for k, v in metrics.items()},
     }
     version = registry.register_version(name, run_info["model_uri"], run_info["run_id"], tags)
-    version = one_version_per_model(name, version, tags[tracking.MODEL_HASH_TAG])
+    version = one_version_per_model(name, version, tags[MODEL_HASH])
     result, _ = settle_aliases(name, metric, min_delta)
     promoted, reason = result.verdicts[version]
     alias = {result.champion: CHAMPION, result.challenger: CHALLENGER}.get(version)
@@ -159,7 +164,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "promoted": promoted,
         "skipped": False,
         "reason": reason,
-        "metric": f"test/{metric}",
+        "metric": test_metric(metric),
         "value": float(metrics[metric]),
         "champion": result.champion,
         "challenger": result.challenger,

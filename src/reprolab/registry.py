@@ -11,7 +11,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from reprolab.tracking import MODEL_HASH_TAG
+from reprolab.tags import MODEL_HASH
 
 
 def load_classifier(
@@ -69,8 +69,8 @@ def register_version(name: str, model_uri: str, run_id: str, tags: dict[str, str
     source unless the call names the logged model too (`model_id`), as mlflow.register_model does.
     """
     client = MlflowClient()
-    digest = tags[MODEL_HASH_TAG]
-    same = f"name = '{name}' and tags.`{MODEL_HASH_TAG}` = '{digest}'"
+    digest = tags[MODEL_HASH]
+    same = f"name = '{name}' and tags.`{MODEL_HASH}` = '{digest}'"
     for version in client.search_model_versions(same):
         return str(version.version)
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None

@@ -16,21 +16,17 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from reprolab import tags as tag
 from reprolab.config import Config
 
 log = logging.getLogger(__name__)
 
 MODEL_ARTIFACT = "model"
-# A training run carries the sha256 of the models/model.pt it wrote and its logged model's URI:
-# DVC outputs and MLflow runs find each other by content, not by a run id inside an output.
-MODEL_HASH_TAG = "model.sha256"
-MODEL_URI_TAG = "reprolab.model_uri"
 
 
 # The experiment tag by which MLflow's UI opens an experiment on its runs (training) rather than
 # on traces (GenAI); MLflow sets it itself only for experiments its GenAI features create.
-EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
-PARENT_TAG = "mlflow.parentRunId"
+MODEL_DEVELOPMENT = "custom_model_development"
 # The run `mlflow run` created for the project, when it launched this command (see configure).
 _project_run: str | None = None
 
@@ -52,8 +48,8 @@ def configure(cfg: Config, parent_run: str | None = None) -> str:
     else:
         experiment_id = _experiment_named(cfg)
     experiment = mlflow.set_experiment(experiment_id=experiment_id)
-    if EXPERIMENT_KIND_TAG not in experiment.tags:
-        MlflowClient().set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    if tag.EXPERIMENT_KIND not in experiment.tags:
+        MlflowClient().set_experiment_tag(experiment_id, tag.EXPERIMENT_KIND, MODEL_DEVELOPMENT)
     return experiment_id
 
 
@@ -82,15 +78,16 @@ def git_state(cwd: Path, outputs: tuple[str, ...] = ()) -> dict[str, str]:
 
     commit = git_utils.get_git_commit(str(cwd))
     if not commit:
-        return {"git.commit": "none", "git.dirty": "unknown"}
+        return {tag.GIT_COMMIT: "none", tag.GIT_DIRTY: "unknown"}
     dirty = _dirty(cwd, outputs)
-    tags = {"git.commit": commit, "git.dirty": str(dirty).lower(), MLFLOW_GIT_COMMIT: commit}
+    state = {tag.GIT_COMMIT: commit, tag.GIT_DIRTY: str(dirty).lower(),
+             MLFLOW_GIT_COMMIT: commit}
     # a detached HEAD (verify's worktree) has no branch; a repository without remote no URL
     for key, value in ((MLFLOW_GIT_BRANCH, git_utils.get_git_branch(str(cwd))),
                        (MLFLOW_GIT_REPO_URL, git_utils.get_git_repo_url(str(cwd)))):
         if value:
-            tags[key] = value
-    return tags
+            state[key] = value
+    return state
 
 
 def _dirty(cwd: Path, outputs: tuple[str, ...]) -> bool:
@@ -117,28 +114,27 @@ def lineage_tags(cfg: Config, meta: dict[str, Any], spec: dict[str, Any] | None 
     from reprolab.data import processed_digest
     from reprolab.files import sha256_file
 
-    tags = {
+    lineage = {
         **git_state(cfg.base_dir, (cfg.paths.reports,)),
-        "params_hash": cfg.params_hash,
-        "data.manifest_sha256": meta["manifest_sha256"],
-        "data.processed_sha256": processed_digest(meta),
-        "data.dataset": meta["dataset"],
-        "torch.version": torch.__version__,
-        # which kernels ran on the CPU (AVX2, AVX512, ...): bitwise results depend on it
-        "torch.cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        tag.PARAMS_HASH: cfg.params_hash,
+        tag.DATA_MANIFEST: meta["manifest_sha256"],
+        tag.DATA_PROCESSED: processed_digest(meta),
+        tag.DATASET: meta["dataset"],
+        tag.TORCH_VERSION: torch.__version__,
+        tag.CPU_CAPABILITY: torch.backends.cpu.get_cpu_capability(),
     }
     if spec and spec.get("code_sha256"):
-        tags["model.code_sha256"] = spec["code_sha256"]
+        lineage[tag.MODEL_CODE] = spec["code_sha256"]
     if spec and spec.get("pretrained"):
-        tags["model.pretrained"] = spec["pretrained"]["source"]
-        tags["model.pretrained_sha256"] = spec["pretrained"]["sha256"]
+        lineage[tag.PRETRAINED] = spec["pretrained"]["source"]
+        lineage[tag.PRETRAINED_SHA] = spec["pretrained"]["sha256"]
     lock = cfg.base_dir / "dvc.lock"
     if lock.is_file():  # as DVC had written it when the stage started
-        tags["dvc.lock_sha256"] = sha256_file(lock)
-    for env, tag in (("DVC_STAGE", "dvc.stage"), ("DVC_EXP_NAME", "dvc.exp_name")):
+        lineage[tag.DVC_LOCK] = sha256_file(lock)
+    for env, name in (("DVC_STAGE", tag.DVC_STAGE), ("DVC_EXP_NAME", tag.DVC_EXP)):
         if os.environ.get(env):
-            tags[tag] = os.environ[env]
-    return tags
+            lineage[name] = os.environ[env]
+    return lineage
 
 
 @contextlib.contextmanager
@@ -153,8 +149,8 @@ def start_run(
     Nothing is left RUNNING (short of kill -9, after which `reprolab train` resumes the run).
     """
     tags = dict(tags or {})
-    if run_id is None and not nested and PARENT_TAG not in tags and _project_run:
-        tags[PARENT_TAG] = _project_run  # a stage under `mlflow run`: see configure
+    if run_id is None and not nested and tag.PARENT_RUN not in tags and _project_run:
+        tags[tag.PARENT_RUN] = _project_run  # a stage under `mlflow run`: see configure
     run = mlflow.start_run(run_id=run_id, run_name=run_name, tags=tags, nested=nested)
     status = "FINISHED"
     try:
@@ -185,7 +181,7 @@ def source_tags(stage: str) -> dict[str, str]:
     """MLflow's source name as the stage's module in the repository (with the git commit tag,
     the UI can link it), instead of the console script's path inside a virtual environment."""
     module = "data/" + stage if stage in ("fetch", "preprocess") else stage
-    return {"mlflow.source.name": f"src/reprolab/{module}.py", "mlflow.source.type": "LOCAL"}
+    return {tag.SOURCE_NAME: f"src/reprolab/{module}.py", tag.SOURCE_TYPE: "LOCAL"}
 
 
 def training_run_for(model_file: Path, digest: str, experiment: str | None = None
@@ -196,7 +192,7 @@ def training_run_for(model_file: Path, digest: str, experiment: str | None = Non
     from reprolab.errors import DataError
 
     client = MlflowClient()
-    query = f"tags.`{MODEL_HASH_TAG}` = '{digest}' and attributes.status = 'FINISHED'"
+    query = f"tags.`{tag.MODEL_HASH}` = '{digest}' and attributes.status = 'FINISHED'"
 
     def latest(experiment_ids: list[str]) -> list[Any]:
         return client.search_runs(experiment_ids, query, max_results=1,
@@ -209,15 +205,16 @@ def training_run_for(model_file: Path, digest: str, experiment: str | None = Non
         runs = latest([e.experiment_id for e in client.search_experiments()])
     if not runs:
         raise DataError(
-            f"{model_file}: no finished training run with {MODEL_HASH_TAG} {digest[:12]} in the "
+            f"{model_file}: no finished training run with {tag.MODEL_HASH} {digest[:12]} in the "
             f"MLflow store {mlflow.get_tracking_uri()}; it lives in the store that trained it (a "
             "team's `mlflow server`, or another clone's mlflow.db): set MLFLOW_TRACKING_URI to "
             "that store, or train again here with `dvc repro --force train`"
         )
     run = runs[0]
-    tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
-    tags["mlflow.source.git.commit"] = tags.get("git.commit", "none")
-    return {"run_id": run.info.run_id, "model_uri": run.data.tags[MODEL_URI_TAG], "tags": tags}
+    run_tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
+    run_tags[tag.SOURCE_GIT_COMMIT] = run_tags.get(tag.GIT_COMMIT, "none")
+    return {"run_id": run.info.run_id, "model_uri": run.data.tags[tag.MODEL_URI],
+            "tags": run_tags}
 
 
 def run_exists(run_id: str) -> bool:
@@ -314,10 +311,6 @@ def log_model(model: Any, input_example: Any, classes: list[str]) -> str:
         validate_serving_input=False,
     )
     return info.model_uri
-
-
-def run_metrics(run_id: str) -> dict[str, float]:
-    return MlflowClient().get_run(run_id).data.metrics
 
 
 def run_artifact_text(run_id: str, path: str) -> str:

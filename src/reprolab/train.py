@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from reprolab import tags as tag
 from reprolab import tracking
 from reprolab.checkpoint import (
     Checkpointer,
@@ -95,7 +96,7 @@ def run(cfg: Config, progress: bool = False) -> TrainResult:
 def train_locked(cfg: Config, device: torch.device, progress: bool) -> TrainResult:
     rank, size = world()
     # before any work, not after it; rank 0 writes the outputs
-    from_rank0(lambda: check_replaceable(cfg.models_dir, model_files(cfg)))
+    from_rank0(lambda: check_replaceable(cfg.models_dir))
     cfg = with_tuned(cfg)  # the config that trains, written to models/config.yaml
     seed_everything(cfg.seed, cfg.train.deterministic)
     # the model first: a net that does not build, or weights that do not fit, is one line
@@ -155,9 +156,9 @@ def recorded(cfg: Config, meta: dict[str, Any], spec: dict[str, Any], model: tor
     if resume and not resume_run:
         log.info("run %s is not in this MLflow store; starting a new run", resume["run_id"])
     size, backend = world()[1], dist.get_backend() if dist.is_initialized() else "none"
-    ranks_tags = {"distributed.world_size": str(size), "distributed.backend": backend}
+    ranks_tags = {tag.WORLD_SIZE: str(size), tag.BACKEND: backend}
     tags = {**tracking.lineage_tags(cfg, meta, spec), **tracking.source_tags("train"),
-            "device": str(device), "precision": hyper.precision, **ranks_tags}
+            tag.DEVICE: str(device), tag.PRECISION: hyper.precision, **ranks_tags}
     with tracking.start_run(run_name(cfg.model.name, cfg.train.optimizer, cfg.train.lr), tags,
                             run_id=resume_run) as run_id:
         if resume_run is None:
@@ -188,17 +189,11 @@ def publish(cfg: Config, spec: dict[str, Any], model: torch.nn.Module, result: F
         model_uri = tracking.log_model(with_probabilities(model), example, classes)
     model_hash = write_outputs(cfg, spec, model, result.history)
     # the DVC outputs name no run: evaluate and register find it by the model's content
-    saver.log(result.history, tags={"best_epoch": str(result.best_epoch),
-                                    tracking.MODEL_HASH_TAG: model_hash,
-                                    tracking.MODEL_URI_TAG: model_uri})
+    saver.log(result.history, tags={tag.BEST_EPOCH: str(result.best_epoch),
+                                    tag.MODEL_HASH: model_hash, tag.MODEL_URI: model_uri})
     for path in (cfg.history_file, cfg.models_dir / CONFIG_FILE):
         tracking.log_artifact(path)
     return model_uri
-
-
-def model_files(cfg: Config) -> tuple[str, ...]:
-    """What train writes into models/ ("run.json": what it held before outputs named no run)."""
-    return (cfg.model_file.name, CONFIG_FILE, "run.json")
 
 
 def write_outputs(
@@ -208,7 +203,7 @@ def write_outputs(
 
     All pure functions of code, params and data: no run id, path, time or timing inside.
     """
-    with atomic_dir(cfg.models_dir, model_files(cfg)) as tmp:
+    with atomic_dir(cfg.models_dir) as tmp:
         save_checkpoint(tmp / cfg.model_file.name, spec, model)
         model_hash = sha256_file(tmp / cfg.model_file.name)
         write_yaml(tmp / CONFIG_FILE, cfg.as_dict())
@@ -225,7 +220,7 @@ def main(cfg: Config, args: Any) -> int:
     interrupt_on_sigterm()
     if cfg.train.processes > 1 and "WORLD_SIZE" not in os.environ:  # not under torchrun yet
         # what the ranks would each refuse: one line, before any starts
-        check_replaceable(cfg.models_dir, model_files(cfg))
+        check_replaceable(cfg.models_dir)
         with_tuned(cfg)
         return launch(cfg.train.processes, worker_args(args), lock_file(cfg))
     from tqdm.contrib.logging import logging_redirect_tqdm

@@ -18,9 +18,11 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reprolab import tags as tag
 from reprolab.config import Config
 from reprolab.errors import ReprolabError
 from reprolab.files import read_json, write_json, write_yaml
@@ -49,8 +51,6 @@ log = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"  # numbers only: a DVC metrics file
 STUDY_FILE = "study.json"  # which study and trial they come from
 OBJECTIVE = "val/accuracy"
-# train knobs that trials do not use or that do not change their results
-NOT_IN_TRIALS = {"optimizer", "lr", "epochs", "use_tuned", "device", "compile"}
 
 
 def study_name(cfg: Config, meta: dict[str, Any]) -> str:
@@ -76,29 +76,49 @@ def study_fingerprint(cfg: Config, meta: dict[str, Any]) -> str:
             exclude={"study", "n_trials", "timeout_s", "storage", "workers", "heartbeat_s",
                      "max_failed"},
         ),
-        "train": cfg.train.model_dump(mode="json", exclude=NOT_IN_TRIALS),
+        "train": cfg.train.model_dump(mode="json", include=set(cfg.train.trial_knobs())),
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One dimension of the search space: the train knob it sets and how it is drawn."""
+
+    key: str
+    kind: str  # "log" (log-uniform float), "uniform" (float) or "choice"
+    values: tuple[Any, ...]  # (low, high) for the floats; the choices
+
+
+def search_space(t: Any) -> list[Dimension]:
+    """The search space of the tune section, in one table: suggest, the grid sampler and the
+    study's attributes all read it. lr and optimizer always; weight_decay, momentum and
+    batch_size when tune names their ranges."""
+    space = [Dimension("lr", "log", (t.lr_low, t.lr_high)),
+             Dimension("optimizer", "choice", tuple(t.optimizers))]
+    for key, kind, value in (("weight_decay", "log", t.weight_decay),
+                             ("momentum", "uniform", t.momentum),
+                             ("batch_size", "choice", t.batch_sizes)):
+        if value:
+            space.append(Dimension(key, kind, tuple(value)))
+    return space
 
 
 def study_attributes(cfg: Config, meta: dict[str, Any]) -> dict[str, Any]:
     """What optuna-dashboard shows about a study (user attributes): where its trials come from."""
     t = cfg.tune
-    space: dict[str, Any] = {"lr": {"low": t.lr_low, "high": t.lr_high, "log": True},
-                             "optimizer": list(t.optimizers)}
-    for key, value in (("weight_decay", t.weight_decay), ("momentum", t.momentum),
-                       ("batch_size", t.batch_sizes)):
-        if value:
-            space[key] = list(value)
+    space = {d.key: list(d.values) if d.kind == "choice" else
+             {"low": d.values[0], "high": d.values[1], "log": d.kind == "log"}
+             for d in search_space(t)}
     return {
         "dataset": meta["dataset"],
-        "data.manifest_sha256": meta["manifest_sha256"],
+        tag.DATA_MANIFEST: meta["manifest_sha256"],
         "model": cfg.model.model_dump(mode="json"),
         "search_space": space,
         "epochs_per_trial": t.epochs,
         "sampler": t.sampler,
         "pruner": t.pruner,
-        "params_hash": study_fingerprint(cfg, meta),
+        tag.PARAMS_HASH: study_fingerprint(cfg, meta),
     }
 
 
@@ -111,16 +131,9 @@ def make_sampler(cfg: Config, seed: int) -> Any:
         return optuna.samplers.RandomSampler(seed=seed)
     if t.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=seed)
-    grid: dict[str, list[Any]] = {
-        "lr": np.geomspace(t.lr_low, t.lr_high, t.grid_points).tolist(),
-        "optimizer": list(t.optimizers),
-    }
-    if t.weight_decay:
-        grid["weight_decay"] = np.geomspace(*t.weight_decay, t.grid_points).tolist()
-    if t.momentum:
-        grid["momentum"] = np.linspace(*t.momentum, t.grid_points).tolist()
-    if t.batch_sizes:
-        grid["batch_size"] = list(t.batch_sizes)
+    spread = {"log": np.geomspace, "uniform": np.linspace}
+    grid = {d.key: list(d.values) if d.kind == "choice" else
+            spread[d.kind](*d.values, t.grid_points).tolist() for d in search_space(t)}
     return grid_sampler(grid, seed)
 
 
@@ -139,18 +152,13 @@ def make_pruner(cfg: Config) -> Any:
 
 
 def suggest(trial: Any, cfg: Config) -> dict[str, Any]:
-    """The trial's point in the search space: lr and optimizer, plus the optional dimensions."""
-    t = cfg.tune
-    params = {
-        "lr": trial.suggest_float("lr", t.lr_low, t.lr_high, log=True),
-        "optimizer": trial.suggest_categorical("optimizer", list(t.optimizers)),
-    }
-    if t.weight_decay:
-        params["weight_decay"] = trial.suggest_float("weight_decay", *t.weight_decay, log=True)
-    if t.momentum:
-        params["momentum"] = trial.suggest_float("momentum", *t.momentum)
-    if t.batch_sizes:
-        params["batch_size"] = trial.suggest_categorical("batch_size", list(t.batch_sizes))
+    """The trial's point in the search space."""
+    params = {}
+    for d in search_space(cfg.tune):
+        if d.kind == "choice":
+            params[d.key] = trial.suggest_categorical(d.key, list(d.values))
+        else:
+            params[d.key] = trial.suggest_float(d.key, *d.values, log=d.kind == "log")
     return params
 
 
@@ -206,9 +214,9 @@ def make_objective(cfg: Config, meta: dict[str, Any], recipe: Any, splits: tuple
                           device, meta["shape"], model)
         pruned = False
         run_name = f"trial-{trial.number}-{params['optimizer']}-lr{short_lr(params['lr'])}"
-        tags = {**run_tags, "optuna.trial": str(trial.number), "optuna.worker": worker_id()}
+        tags = {**run_tags, tag.TRIAL: str(trial.number), tag.WORKER: worker_id()}
         if parent_run_id:
-            tags["mlflow.parentRunId"] = parent_run_id
+            tags[tag.PARENT_RUN] = parent_run_id
         with tracking.start_run(run_name, tags, nested=parent_run_id is None) as run_id:
             trial.set_user_attr(RUN, run_id)  # whoever fails this trial ends this run too
             tracking.log_params({**params, "epochs": cfg.tune.epochs})
@@ -230,10 +238,10 @@ def make_objective(cfg: Config, meta: dict[str, Any], recipe: Any, splits: tuple
                 # the run ends FINISHED (its epochs are valid), named so that the runs table
                 # tells it from a complete trial
                 pruned = True
-                tracking.set_tags({"optuna.state": "PRUNED",
-                                   "mlflow.runName": f"{run_name}-pruned"})
+                tracking.set_tags({tag.TRIAL_STATE: "PRUNED",
+                                   tag.RUN_NAME: f"{run_name}-pruned"})
             else:
-                tracking.set_tags({"optuna.state": "COMPLETE"})
+                tracking.set_tags({tag.TRIAL_STATE: "COMPLETE"})
         if pruned:
             raise optuna.TrialPruned()
         return result.last[OBJECTIVE]
@@ -337,7 +345,7 @@ def _run(cfg: Config, progress: bool, worker_index: int, parent_run_id: str | No
     if count(study).finished >= cfg.tune.n_trials:
         n_local = 1  # nothing left to run: start no worker process
     with tracking.start_run(f"tune-{name}" + ("-worker" if join else ""),
-                            {**run_tags, "optuna.study": name, "optuna.worker": worker_id()}
+                            {**run_tags, tag.STUDY: name, tag.WORKER: worker_id()}
                             ) as parent:
         tracking.log_params({**cfg.flat(), "tune.study_name": name})
         level = logging.getLogger().getEffectiveLevel()

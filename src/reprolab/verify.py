@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from reprolab import tags as tag
 from reprolab.config import Config
 from reprolab.data import load_meta, processed_digest
 from reprolab.errors import DataError, ReprolabError
@@ -30,7 +31,6 @@ from reprolab.files import sha256_file
 
 log = logging.getLogger(__name__)
 
-MODEL_TAG = "model.sha256"
 
 
 @dataclass(frozen=True)
@@ -110,10 +110,10 @@ def likely_reasons(tags: dict[str, str], config: dict[str, Any], meta: dict[str,
         "device": str(select_device(config["train"]["device"])),
         "CPU capability": torch.backends.cpu.get_cpu_capability(),
     }
-    recorded = {"params": tags.get("params_hash"), "data": tags.get("data.manifest_sha256"),
-                "processed data": tags.get("data.processed_sha256"),
-                "torch version": tags.get("torch.version"), "device": tags.get("device"),
-                "CPU capability": tags.get("torch.cpu_capability")}
+    recorded = {"params": tags.get(tag.PARAMS_HASH), "data": tags.get(tag.DATA_MANIFEST),
+                "processed data": tags.get(tag.DATA_PROCESSED),
+                "torch version": tags.get(tag.TORCH_VERSION), "device": tags.get(tag.DEVICE),
+                "CPU capability": tags.get(tag.CPU_CAPABILITY)}
     return [f"{what} {recorded[what]} (registered) vs {here[what]} (here)"
             for what in here if recorded[what] is not None and recorded[what] != here[what]]
 
@@ -124,14 +124,14 @@ def run(cfg: Config, model_uri: str) -> Verdict:
     tracking.configure(cfg)
     version = registry.registered_version(model_uri)
     tags = version["tags"]
-    registered = tags.get(MODEL_TAG)
-    commit = tags.get("git.commit", "none")
+    registered = tags.get(tag.MODEL_HASH)
+    commit = tags.get(tag.GIT_COMMIT, "none")
     if not registered:
-        raise DataError(f"{model_uri}: version {version['version']} has no {MODEL_TAG} tag "
+        raise DataError(f"{model_uri}: version {version['version']} has no {tag.MODEL_HASH} tag "
                         "(registered before reprolab recorded it); nothing to compare with")
     if commit == "none":
         return Verdict(False, registered, None, ["code: not built from a git commit"])
-    if tags.get("git.dirty") == "true":
+    if tags.get(tag.GIT_DIRTY) == "true":
         return Verdict(False, registered, None, [
             f"code: built from uncommitted changes on top of {commit[:12]}; the commit alone "
             "cannot rebuild it"])

@@ -9,7 +9,7 @@ import difflib
 import itertools
 import re
 from pathlib import PurePosixPath
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AllowInfNan,
@@ -198,6 +198,15 @@ class Model(_Section):
 
 
 class Train(_Section):
+    # What each knob changes, said once. NO_RESULT: how the training runs, not what it
+    # computes (a checkpoint resumes across them, a tuning study goes on across them).
+    # NOT_IN_TRIALS: what a tuning trial takes from elsewhere (its point in the search space,
+    # tune.epochs) or does not use. The rest are the trial knobs (`trial_knobs`): they make
+    # trials comparable or not, and dvc.yaml's tune stage depends on exactly them.
+    NO_RESULT: ClassVar[tuple[str, ...]] = ("checkpoint_every_s", "processes")
+    NOT_IN_TRIALS: ClassVar[tuple[str, ...]] = ("optimizer", "lr", "epochs", "use_tuned",
+                                                "device", "compile")
+
     optimizer: Optimizer
     lr: Float = Field(gt=0)
     momentum: Float = Field(ge=0, lt=1)
@@ -223,6 +232,10 @@ class Train(_Section):
     # frozen; the backbone's lr is lr x backbone_lr_scale (the head's is lr)
     freeze_backbone: StrictBool | Annotated[Int, Field(ge=0)] = False
     backbone_lr_scale: Float = Field(default=1.0, gt=0)
+
+    @classmethod
+    def trial_knobs(cls) -> tuple[str, ...]:
+        return tuple(k for k in cls.model_fields if k not in cls.NO_RESULT + cls.NOT_IN_TRIALS)
 
     @property
     def freeze_epochs(self) -> int:

@@ -50,19 +50,6 @@ def data_entries(root: Path) -> list[Path]:
     )
 
 
-def raw_top_level(root: Path) -> set[str]:
-    """The names directly in a raw folder that its manifest accounts for (fetch may replace a
-    folder holding nothing else, written before the output marker existed)."""
-    path = Path(root) / MANIFEST
-    if not path.is_file():
-        return set()
-    try:
-        listed = read_json(path).get("files", {})
-    except (ValueError, AttributeError):
-        return set()
-    return {MANIFEST, *(name.split("/")[0] for name in listed)}
-
-
 def processed_digest(meta: dict[str, Any]) -> str:
     """One hash for the processed data: the hashes of its splits (meta.json records them)."""
     blob = json.dumps(meta["split_sha256"], sort_keys=True).encode()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from reprolab.config import Config
-from reprolab.data import MANIFEST, data_entries, raw_top_level
+from reprolab.data import MANIFEST, data_entries
 from reprolab.data.sources import Options
 from reprolab.errors import DataError
 from reprolab.files import atomic_dir, sha256_file, write_json
@@ -44,7 +44,7 @@ def run(cfg: Config) -> Path:
         skipped = source.fetch(dest, Options.of(cfg.data)) or {}
         write_json(dest / MANIFEST, build_manifest(dest, source.name, skipped))
         return dest
-    with atomic_dir(dest, raw_top_level(dest)) as tmp:
+    with atomic_dir(dest) as tmp:
         skipped = source.fetch(tmp, Options.of(cfg.data)) or {}
         write_json(tmp / MANIFEST, build_manifest(tmp, source.name, skipped))
     return dest

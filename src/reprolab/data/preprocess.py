@@ -181,7 +181,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "manifest_sha256": manifest_hash,
         "seed": cfg.seed,
     }
-    with atomic_dir(cfg.processed_dir, (*(f"{name}.pt" for name in SPLITS), META)) as tmp:
+    with atomic_dir(cfg.processed_dir) as tmp:
         for name in SPLITS:  # one split in memory at a time
             if name == "test" and official:
                 x, y = test_x, test_y
