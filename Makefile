@@ -9,7 +9,7 @@ DEPS_HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
 STAMP := $(VENV)/.installed-$(DEPS_HASH)
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test bench ui lint lock clean
+.PHONY: setup run test test-fast docs docs-serve serve bench ui lint lock clean
 
 setup: $(STAMP)
 
@@ -28,11 +28,24 @@ lock: setup
 	dvc repro
 	@dvc status --quiet || { dvc status; echo "dvc.lock: stages still out of date" >&2; exit 1; }
 
-# Each test file runs whole on one worker (module fixtures are shared within a file).
-test: setup
+# Each test file runs whole on one worker (module fixtures are shared within a file). The docs
+# build strictly first: a broken link or a page missing from the nav fails the run.
+test: setup docs
 	@# one worker more than cores: about a quarter of the suite waits on processes it starts
 	@# (servers, torchrun, dvc), so a third worker fills the cores; files stay whole per worker
 	pytest -n $$(( $$(nproc) + 1 )) --dist loadfile
+
+# For local work: every test but the slowest (the end-to-end runs and long fault injections).
+# CI runs `make test`, all of them.
+test-fast: setup
+	pytest -n $$(( $$(nproc) + 1 )) --dist loadfile -m "not slow and not e2e"
+
+# The docs site (MkDocs Material) into site/; the reference tables are generated (docs/hooks.py)
+docs: setup
+	NO_MKDOCS_2_WARNING=1 mkdocs build --strict --quiet
+
+docs-serve: setup
+	NO_MKDOCS_2_WARNING=1 mkdocs serve
 
 # Measured ratios (never part of `make test`): tables on stdout and in reports/bench/.
 bench: setup
@@ -44,6 +57,16 @@ ui: setup
 	      "experiments then open on their runs)"
 	MLFLOW_DISABLE_TELEMETRY=$${MLFLOW_DISABLE_TELEMETRY:-true} \
 	    mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db"
+
+# The champion of this project's registered model over HTTP (MLflow's scoring server), with or
+# without an activated venv: MLflow starts uvicorn from PATH, which this Makefile sets.
+SERVE_PORT ?= 5001
+serve: setup
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
+	MLFLOW_DISABLE_TELEMETRY=$${MLFLOW_DISABLE_TELEMETRY:-true} \
+	    mlflow models serve --env-manager local -h 127.0.0.1 -p $(SERVE_PORT) -m \
+	    "models:/$$(python -c 'from reprolab.config import load_config as c; \
+	                           print(c().registered_model_name)')@champion"
 
 lint: setup
 	ruff check src tests benchmarks nets sources metrics

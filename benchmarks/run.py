@@ -4,9 +4,9 @@
 
 Each benchmark prints its table and writes reports/bench/<name>.json; this script then writes
 reports/bench/README.md: the machine and all tables. A full run of every benchmark also puts
-that text into README.md between its `bench:start` and `bench:end` markers (the Performance
+that text into docs/performance.md between its `bench:start` and `bench:end` markers (the
 section). `--quick` runs tiny sizes for one round, to see that the code works while developing
-it: its reports go to reports/bench/quick/ and never reach README.md.
+it: its reports go to reports/bench/quick/ and never reach the docs.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ def summary(seconds: dict[str, float]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(text: str, readme: Path = REPO / "README.md") -> bool:
-    """Put `text` between README.md's bench markers; -> whether it did (markers found)."""
+def update_page(text: str, readme: Path = REPO / "docs" / "performance.md") -> bool:
+    """Put `text` between the page's bench markers; -> whether it did (markers found)."""
     current = readme.read_text()
     if START not in current or END not in current:
         return False
@@ -92,8 +92,8 @@ def main() -> int:
         tmp.write_text(text)
     print("\n# all benchmarks\n\n" + text)
     print(f"total {total:.0f} s; written to {REPORTS / 'README.md'}")
-    if set(names) == set(ORDER) and not failed and not QUICK and update_readme(text):
-        print(f"and to {REPO / 'README.md'} (Performance)")
+    if set(names) == set(ORDER) and not failed and not QUICK and update_page(text):
+        print(f"and to {REPO / 'docs' / 'performance.md'}")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

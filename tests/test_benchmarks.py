@@ -76,15 +76,15 @@ def test_more_than_two_sides_rotate_and_a_runs_again_last_in_every_round():
     assert harness.round_ratios(samples, "B/A") == [2.0, 5 / 7, 1.1]
 
 
-def test_readme_gets_the_tables_between_its_markers_only(tmp_path):
+def test_the_performance_page_gets_the_tables_between_its_markers_only(tmp_path):
     import run
 
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\n\nbefore\n{run.START}\nold tables\n{run.END}\nafter\n")
-    assert run.update_readme("new tables\n", readme)
+    assert run.update_page("new tables\n", readme)
     assert readme.read_text() == f"# title\n\nbefore\n{run.START}\nnew tables\n{run.END}\nafter\n"
     readme.write_text("no markers\n")
-    assert not run.update_readme("new tables\n", readme)
+    assert not run.update_page("new tables\n", readme)
     assert readme.read_text() == "no markers\n"
 
 

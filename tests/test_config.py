@@ -96,6 +96,17 @@ def test_missing_key_in_the_file_is_named(tmp_path):
         load_config(tmp_path / "params.yaml")
 
 
+@pytest.mark.parametrize("section", ["seed", "paths", "data", "model", "train", "tune",
+                                     "evaluate", "register", "tracking"])
+def test_every_section_is_required(tmp_path, section):
+    """`register` too, whose name pydantic would otherwise default to ABCMeta.register."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    del params[section]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError, match=rf"params.yaml: {section}: missing"):
+        load_config(tmp_path / "params.yaml")
+
+
 def test_invalid_yaml_and_missing_file_are_one_line(tmp_path):
     (tmp_path / "params.yaml").write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match=r"not valid YAML \(line 2\)"):

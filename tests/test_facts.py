@@ -71,8 +71,7 @@ def test_the_search_space_is_one_table(project):
 
 
 def test_the_module_map_names_every_module():
-    text = (REPO / "README.md").read_text() + (REPO / "docs" / "index.md").read_text() \
-        if (REPO / "docs" / "index.md").exists() else (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "code.md").read_text()
     modules = {p.stem for p in (REPO / "src" / "reprolab").rglob("*.py")
                if p.stem not in ("__init__", "__main__")}
     assert not sorted(m for m in modules if f"{m}.py" not in text and m not in text)

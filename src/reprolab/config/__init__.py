@@ -48,7 +48,7 @@ with warnings.catch_warnings():
         train: Train
         tune: Tune
         evaluate: Evaluate
-        register: Register
+        register: Register = Field()  # a default would be ABCMeta.register: required
         tracking: Tracking
 
         # Where the params file lives: stage outputs resolve against it. Not a knob.
