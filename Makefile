@@ -69,7 +69,7 @@ serve: setup
 	                           print(c().registered_model_name)')@champion"
 
 lint: setup
-	ruff check src tests benchmarks nets sources metrics
+	ruff check src tests benchmarks nets sources metrics docs
 
 # reports/: only what git ignores; the committed metrics and plot data stay (the baseline)
 clean:

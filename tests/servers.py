@@ -63,19 +63,40 @@ def get(url: str) -> dict:
         return json.loads(response.read())
 
 
+def scoring_command(model_uri: str, port: int) -> list[str]:
+    return [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+            "-h", "127.0.0.1", "-p", str(port)]
+
+
+@contextlib.contextmanager
+def scoring_server(model_uri: str, env: dict[str, str]) -> Iterator[str]:
+    """`mlflow models serve` for `model_uri`; -> its /invocations URL."""
+    port = free_port()
+    proc = serve(scoring_command(model_uri, port), port, env, "/ping")
+    try:
+        yield f"http://127.0.0.1:{port}/invocations"
+    finally:
+        stop(proc)
+
+
 def served_probabilities(model_uri: str, batch: Any, env: dict[str, str]) -> Any:
     """Start `mlflow models serve` for `model_uri`, post `batch` (N x C x H x W pixels) and
     return its answer as an N x K float32 array."""
     import numpy as np
 
-    port = free_port()
-    proc = serve([str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager",
-                  "local", "-h", "127.0.0.1", "-p", str(port)], port, env, "/ping")
-    try:
-        answer = post(f"http://127.0.0.1:{port}/invocations", {"inputs": batch.tolist()})
-    finally:
-        stop(proc)
+    with scoring_server(model_uri, env) as url:
+        answer = post(url, {"inputs": batch.tolist()})
     return np.array(answer["predictions"], dtype=np.float32)
+
+
+def post_status(url: str, body: dict) -> tuple[int, dict]:
+    """POST `body`; -> (HTTP status, the JSON answer), errors included."""
+    import urllib.error
+
+    try:
+        return 200, post(url, body)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
 
 
 @contextlib.contextmanager

@@ -75,3 +75,15 @@ def test_the_module_map_names_every_module():
     modules = {p.stem for p in (REPO / "src" / "reprolab").rglob("*.py")
                if p.stem not in ("__init__", "__main__")}
     assert not sorted(m for m in modules if f"{m}.py" not in text and m not in text)
+
+
+def test_mlflow_is_imported_by_the_tracking_layer_only():
+    """tracking.py, registry.py and serving.py (the MLflow flavour of reprolab's models)."""
+    importers = set()
+    for path in (REPO / "src" / "reprolab").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n == "mlflow" or n.startswith("mlflow.") for n in names):
+                importers.add(path.name)
+    assert importers == {"tracking.py", "registry.py", "serving.py"}

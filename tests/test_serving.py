@@ -22,7 +22,7 @@ from reprolab import cli, evaluate, predict, register, train
 from reprolab.config import load_config
 from reprolab.data import load_split
 from reprolab.recipe import run_name
-from servers import free_port, get, post, serve, served_probabilities, stop
+from servers import free_port, get, post, post_status, scoring_server, serve, stop
 
 MODEL = "serving-test"
 
@@ -108,15 +108,24 @@ def test_predict_table_and_default_model(pipeline, images, capsys):
     assert out[1].split()[:2] == [str(files[1]), label]
 
 
-def test_mlflow_models_serve_answers_like_predict(pipeline, images):
+def test_mlflow_models_serve_answers_like_predict_and_refuses_what_is_not_pixels(
+        pipeline, images):
     cfg, _ = pipeline
     _, files, _ = images
     batch = np.stack([predict.load_image(f, (1, 8, 8)) for f in files])
-    served = served_probabilities(f"models:/{MODEL}@champion", batch,
-                                  {**os.environ, "MLFLOW_TRACKING_URI": cfg.mlflow_uri})
+    env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.mlflow_uri}
+    with scoring_server(f"models:/{MODEL}@champion", env) as url:
+        status, answer = post_status(url, {"inputs": batch.tolist()})
+        refused = [post_status(url, {"inputs": np.full_like(batch, value).tolist()})
+                   for value in (1e30, -5.0)]
+    served = np.array(answer["predictions"], dtype=np.float32)
     local = predict.run(f"models:/{MODEL}@champion", [str(f) for f in files], cfg)
     assert [int(row.argmax()) for row in served] == [int(p.label) for p in local]
     np.testing.assert_allclose(served, [p.probabilities for p in local], atol=1e-6)
+    for (code, body), shown in zip(refused, ("1e+30..1e+30", "-5..-5"), strict=True):
+        assert code == 400, body
+        assert "the inputs are not pixel values: the model takes numbers within 0..255" in \
+            body["message"] and shown in body["message"], body
 
 
 def test_mlflow_server_shows_runs_metrics_and_the_champion(pipeline):

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from conftest import REPO, TINY, training_run_id
+from conftest import REPO, TINY, one_error, reprolab, training_run_id
 from reprolab import cli, evaluate, predict, register, train
 from reprolab.config import load_config
 from reprolab.data import load_split
@@ -42,9 +42,13 @@ def _project(root: Path, processed_once: Path, *overrides: str):
     return load_config(root / "params.yaml", [*TINY, "tracking.experiment=team", *overrides])
 
 
+ARTIFACTS: dict[str, Path] = {}  # the server's artifact store (a folder here)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with mlflow_server(tmp_path_factory.mktemp("artifacts")) as uri:
+    ARTIFACTS["root"] = tmp_path_factory.mktemp("artifacts")
+    with mlflow_server(ARTIFACTS["root"]) as uri:
         old = os.environ["MLFLOW_TRACKING_URI"]
         os.environ["MLFLOW_TRACKING_URI"] = uri
         try:
@@ -107,7 +111,7 @@ def _expected_in_order(models_in_version_order: list[str], f1: dict[str, float])
     return {"champion": champion, "challenger": challenger}
 
 
-def test_pipeline_registers_predicts_and_serves_through_a_server(server, machines):
+def test_pipeline_registers_predicts_and_serves_through_a_server(server, machines, capsys):
     cfg = machines["good"]
     name = "team-served"
     cfg = load_config(cfg.base_dir / "params.yaml",
@@ -137,6 +141,19 @@ def test_pipeline_registers_predicts_and_serves_through_a_server(server, machine
     served = served_probabilities(f"models:/{name}@champion", batch,
                                   {**os.environ, "MLFLOW_TRACKING_URI": server})
     np.testing.assert_allclose(served, [p.probabilities for p in local], atol=1e-6)
+
+    # a byte flipped in the server's artifact store: refused by the reader, through the server
+    model_id = version.source.removeprefix("models:/")
+    (pt2,) = [p for p in ARTIFACTS["root"].rglob("model.pt2") if model_id in str(p)]
+    kept = pt2.read_bytes()
+    pt2.write_bytes(kept[:100] + bytes([kept[100] ^ 1]) + kept[101:])
+    try:
+        code, _, err = reprolab(capsys, cfg.base_dir, "predict", *TINY, "tracking.experiment=team",
+                                f"register.model_name={name}",
+                                args=("--model", f"models:/{name}@champion", str(files[0])))
+    finally:
+        pt2.write_bytes(kept)
+    assert code == 2 and "data/model.pt2: sha256 " in one_error(err, "predict")
 
 
 # Patches the registry calls of one `reprolab register` process with seeded random pauses before

@@ -3,7 +3,9 @@ checked, recorded as an event that every later replay of the gate applies where 
 
 from __future__ import annotations
 
+import tempfile
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from reprolab.config import Config
@@ -70,6 +72,8 @@ def promote(name: str, number: str) -> dict[str, Any]:
                         "`reprolab register`); nothing to promote through")
     min_delta = float(stored.get(GATE_DELTA, "0"))
     check_lineage(name, version, stored, metric)
+    with tempfile.TemporaryDirectory(prefix="reprolab-promote-") as tmp:
+        registry.fetch_checked(version, Path(tmp))  # its bytes are the registered ones
     versions = registry.model_versions(name)
     before = replay(versions, metric, min_delta).champion
     if before != number:

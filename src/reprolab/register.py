@@ -88,15 +88,22 @@ def settle_aliases(name: str, metric: str, min_delta: float) -> tuple[Replay, li
     """
     from reprolab import registry
 
+    def describe(version: dict[str, Any], result: Replay) -> bool:
+        text = description(version["version"], result)
+        return text == version["description"] or \
+            registry.set_description(name, version["version"], text)
+
     versions = registry.model_versions(name)
     while True:
         result = replay(versions, metric, min_delta)
-        written = [registry.set_alias(name, CHAMPION, result.champion),
-                   registry.set_alias(name, CHALLENGER, result.challenger)]
-        for version in versions:
-            text = description(version["version"], result)
-            if text != version["description"]:
-                written.append(registry.set_description(name, version["version"], text))
+        # A version is described before an alias moves to it, the others after: a kill in
+        # between leaves a complete version that no alias points to (the next run adopts it)
+        # or a former champion whose description lags by one step (the next run mends it).
+        holders = {result.champion, result.challenger}
+        written = [describe(v, result) for v in versions if v["version"] in holders]
+        written += [registry.set_alias(name, CHAMPION, result.champion),
+                    registry.set_alias(name, CHALLENGER, result.challenger)]
+        written += [describe(v, result) for v in versions if v["version"] not in holders]
         now = registry.model_versions(name)
         if all(written) and replay_state(now) == replay_state(versions):
             return result, [v["version"] for v in now]
@@ -145,6 +152,10 @@ def run(cfg: Config) -> dict[str, Any]:
     shape = shape_text(tracking.model_input_shape(run_info["model_uri"]))
     dataset = run_info["tags"].get(DATASET, cfg.data.dataset)
     registered_model(name, metric, min_delta, dataset, shape)
+    # the logged model's bytes are the ones its run recorded (none swapped since training)
+    what = f"the model of training run {run_info['run_id']}"
+    recorded = registry.recorded_files(run_info["tags"], what, made="trained")
+    registry.check_logged(run_info["model_uri"], recorded, what)
 
     tags = {
         **run_info["tags"],

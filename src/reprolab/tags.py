@@ -31,6 +31,7 @@ PRETRAINED_SHA = "model.pretrained_sha256"  # ... and their sha256
 # ---- the training run's result
 MODEL_HASH = "model.sha256"  # sha256 of models/model.pt: DVC outputs and runs meet by it
 MODEL_URI = "reprolab.model_uri"  # the logged model's models:/m-... URI
+MODEL_FILES = "model.files_sha256"  # {file of the logged model: sha256}, JSON; also on versions
 BEST_EPOCH = "best_epoch"  # the epoch whose weights the model holds
 
 # ---- tuning runs

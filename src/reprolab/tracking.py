@@ -288,18 +288,24 @@ def log_evaluation(run_id: str, model_uri: str, metrics: dict[str, float],
 def log_model(model: Any, input_example: Any, classes: list[str]) -> str:
     """Log a model that takes raw pixels and returns probabilities; -> its model URI.
 
-    MLflow stores it with torch.export (`pt2`), whose loading runs no pickled code.
+    MLflow stores it with torch.export (`pt2`), whose loading runs no pickled code, in
+    reprolab's flavour (reprolab.serving): MLflow's pytorch flavour, served by a loader that
+    checks the files and the pixels.
     """
     import numpy as np
     import torch
-    from mlflow.models import infer_signature
+    from mlflow.models import Model, infer_signature
+
+    from reprolab import serving
 
     with torch.no_grad():
         output = model(torch.from_numpy(input_example)).numpy()
     signature = infer_signature(input_example, output.astype(np.float32))
-    info = mlflow.pytorch.log_model(
-        model,
+    info = Model.log(
+        artifact_path=None,
         name=MODEL_ARTIFACT,
+        flavor=serving,
+        pytorch_model=model,
         signature=signature,
         input_example=input_example,
         serialization_format="pt2",
@@ -311,6 +317,23 @@ def log_model(model: Any, input_example: Any, classes: list[str]) -> str:
         validate_serving_input=False,
     )
     return info.model_uri
+
+
+def record_model_files(model_uri: str) -> str:
+    """The sha256 of every file of a logged model, as stored (downloaded back), recorded on the
+    logged model as tags.MODEL_FILES; -> that JSON, which the training run and every registered
+    version of it carry too, and every reader checks."""
+    import json
+    import tempfile
+
+    from reprolab.registry import file_hashes
+
+    with tempfile.TemporaryDirectory(prefix="reprolab-logged-") as tmp:
+        folder = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)
+        files = json.dumps(file_hashes(Path(folder)), sort_keys=True, separators=(",", ":"))
+    MlflowClient().set_logged_model_tags(model_uri.removeprefix("models:/"),
+                                         {tag.MODEL_FILES: files})
+    return files
 
 
 def run_artifact_text(run_id: str, path: str) -> str:

@@ -187,10 +187,12 @@ def publish(cfg: Config, spec: dict[str, Any], model: torch.nn.Module, result: F
     model_uri = tracking.logged_model_uri(run_id) if reuse else None
     if model_uri is None:
         model_uri = tracking.log_model(with_probabilities(model), example, classes)
+    files = tracking.record_model_files(model_uri)  # what every reader of it checks
     model_hash = write_outputs(cfg, spec, model, result.history)
     # the DVC outputs name no run: evaluate and register find it by the model's content
     saver.log(result.history, tags={tag.BEST_EPOCH: str(result.best_epoch),
-                                    tag.MODEL_HASH: model_hash, tag.MODEL_URI: model_uri})
+                                    tag.MODEL_HASH: model_hash, tag.MODEL_URI: model_uri,
+                                    tag.MODEL_FILES: files})
     for path in (cfg.history_file, cfg.models_dir / CONFIG_FILE):
         tracking.log_artifact(path)
     return model_uri
