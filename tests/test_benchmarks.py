@@ -95,9 +95,15 @@ def test_synthetic_workloads_are_learnable_in_the_real_formats(tmp_path, name):
 
     from reprolab.data import torchvision_sets
 
+    def read(raw):  # the stage's reader, its chunks collected
+        splits, classes = torchvision_sets.read_chunks(shape.dataset, raw)
+        (x, y), (tx, ty) = ([np.concatenate(part) for part in zip(*splits[s](), strict=True)]
+                            for s in ("train", "test"))
+        return x, y, tx, ty, classes
+
     shape = workloads.SHAPES[name].scaled(0.004)  # 240 / 200 training images
     workloads.write(tmp_path, shape, seed=3)
-    x, y, tx, ty, classes = torchvision_sets.read(shape.dataset, tmp_path)  # the stage's reader
+    x, y, tx, ty, classes = read(tmp_path)
     assert x.shape == (shape.train, *shape.image) and x.dtype == np.uint8
     assert tx.shape == (shape.test, *shape.image) and len(classes) == 10
     assert np.bincount(y).tolist() == [shape.train // 10] * 10  # balanced
@@ -109,9 +115,9 @@ def test_synthetic_workloads_are_learnable_in_the_real_formats(tmp_path, name):
     accuracy = ((flat @ ref.T).argmax(1) == y).mean()
     assert 0.8 < accuracy < 1.0
     assert x[y == 0].std(axis=0).mean() > 40  # pixel values 0..255
-    again, _, _, _, _ = torchvision_sets.read(shape.dataset, tmp_path)
+    again, _, _, _, _ = read(tmp_path)
     workloads.write(tmp_path / "other", shape, seed=4)
-    other, _, _, _, _ = torchvision_sets.read(shape.dataset, tmp_path / "other")
+    other, _, _, _, _ = read(tmp_path / "other")
     assert np.array_equal(again, x) and not np.array_equal(other, x)
 
 

@@ -59,7 +59,7 @@ def _photos(root: Path) -> None:
     rng = np.random.default_rng(0)
     for label, colour in (("cat", (200, 80, 40)), ("dog", (40, 90, 210))):
         (root / "photos" / label).mkdir(parents=True)
-        for i in range(6):
+        for i in range(16):
             pixels = rng.integers(0, 60, (80, 80, 3)).astype(np.uint8) + np.array(colour, np.uint8)
             Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(
                 root / "photos" / label / f"{i}.jpg")
@@ -92,9 +92,9 @@ def test_your_own_source_as_the_page_writes_it(make_config, monkeypatch):
     monkeypatch.chdir(cfg.base_dir)
     rows = ["path,label"]
     (cfg.base_dir / "labels" / "img").mkdir(parents=True)
-    for i in range(20):
+    for i in range(40):
         label = ("light", "dark")[i % 2]
-        Image.new("L", (40, 40), 220 if label == "light" else 30).save(
+        Image.new("L", (40, 40), (220 if label == "light" else 30) + i // 2).save(
             cfg.base_dir / "labels" / "img" / f"{i}.png")
         rows.append(f"img/{i}.png,{label}")
     (cfg.base_dir / "labels" / "train.csv").write_text("\n".join(rows) + "\n")

@@ -23,6 +23,7 @@ from mlflow import MlflowClient
 from conftest import TINY, training_run_id
 from reprolab import cli, registry, tracking, train
 from reprolab.data import load_split
+from reprolab.files import read_json, write_json
 from reprolab.lifecycle import interrupt_on_sigterm
 
 
@@ -138,20 +139,40 @@ def test_a_pickle_format_model_is_refused_and_runs_no_code(project, capsys, tmp_
 
 # ---- every artifact verified where it is read ----
 
-@pytest.mark.parametrize("damage", ["flip", "truncate"])
-def test_a_damaged_processed_split_is_refused(project, capsys, damage):
+@pytest.mark.parametrize(("damage", "part"), [("flip", "x"), ("truncate", "x"), ("flip", "y")])
+def test_a_damaged_processed_split_is_refused(project, capsys, damage, part):
     cfg = project()
-    path = cfg.processed_dir / "train.pt"
+    path = cfg.processed_dir / f"train.{part}.npy"
     data = bytearray(path.read_bytes())
     if damage == "flip":
-        data[len(data) // 2] ^= 0x01
+        data[-1 - len(data) // 3] ^= 0x01  # in the pixels or labels, past the header
     else:
         data = data[: len(data) // 2]
     path.write_bytes(bytes(data))
     before = tree(cfg.base_dir)
     assert run_cli(cfg, "train") == 2
     line = one_line(capsys)
-    assert "train.pt: content does not match the sha256 in meta.json" in line, line
+    assert "train.*.npy: content does not match the sha256 in meta.json" in line, line
+    assert tree(cfg.base_dir, ("checkpoints",)) == before
+
+
+def test_processed_data_of_an_earlier_format_says_to_preprocess_again(project, capsys):
+    """Splits written by a reprolab before the mapped format (train.pt, ...; no `format` in
+    meta.json) are not read: one line says to rerun preprocess. A version registered from them
+    is still verified at its own commit, by that commit's code (`reprolab verify`)."""
+    cfg = project()
+    meta = read_json(cfg.processed_dir / "meta.json")
+    del meta["format"]
+    write_json(cfg.processed_dir / "meta.json", meta)
+    for name in ("train", "val", "test"):
+        for part in ("x", "y"):
+            (cfg.processed_dir / f"{name}.{part}.npy").unlink()
+        (cfg.processed_dir / f"{name}.pt").write_bytes(b"a torch.save of the split")
+    before = tree(cfg.base_dir)
+    assert run_cli(cfg, "train") == 2
+    line = one_line(capsys)
+    assert line.endswith("meta.json: processed data in the format of an earlier reprolab; run "
+                         "`dvc repro preprocess` (or `reprolab preprocess`)"), line
     assert tree(cfg.base_dir, ("checkpoints",)) == before
 
 

@@ -25,10 +25,10 @@ from reprolab.data import MANIFEST
 from reprolab.data.imagefolder import DEFAULT_MAX_PIXELS
 from reprolab.errors import ConfigError
 
-FOLDER = ["data.dataset=imagefolder"]
+FOLDER = ["data.dataset=imagefolder", "data.val_fraction=0.25", "data.test_fraction=0.25"]
 FETCH_OUT = ("data/raw/imagefolder-images",)  # <raw>/<the source name>
 PREPROCESS_OUT = ("data/processed", "reports/preprocess/report.json")
-PER_CLASS = 8
+PER_CLASS = 16  # each class draws an image into every split (data/splits.py)
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -114,7 +114,7 @@ def raw_files(raw: Path) -> dict[str, bytes]:
 
 @pytest.fixture
 def folder(make_config, tmp_path):
-    """-> (project root, its image folder, overrides): 2 classes x 8 PNGs inside the project."""
+    """-> (project root, its image folder, overrides): 2 classes x 16 PNGs inside the project."""
     make_config()  # the project's params.yaml
     images = tmp_path / "images"
     write_images(images)

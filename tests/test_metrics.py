@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from reprolab.evaluate import per_class_report, predictions_csv
-from reprolab.gate import decide
-from reprolab.metrics import classification_metrics
-from reprolab.tags import DATA_MANIFEST
+from reprolab.gate import Gate, decide
+from reprolab.metrics import classification_metrics, from_confusion, paired_bootstrap
+from reprolab.tags import DATA_TEST, paired, rescored
 
 
 def test_classification_metrics_match_hand_computed_values():
@@ -51,21 +51,75 @@ def test_predictions_csv_uses_class_names():
     assert text == "actual,predicted\ncat,dog\ndog,dog\n"
 
 
-def _champion(value: float, data: str = "d1") -> dict:
-    return {"version": "3", "tags": {DATA_MANIFEST: data, "test/f1_macro": f"{value:.6f}"}}
+def _version(number: str, value: float, test: str = "t1", **tags: str) -> dict:
+    return {"version": number,
+            "tags": {DATA_TEST: test, "test/f1_macro": f"{value:.6f}", **tags}}
+
+
+GATE = Gate("f1_macro")
 
 
 @pytest.mark.parametrize(
-    ("value", "champion", "min_delta", "promote", "reason"),
+    ("value", "champion", "gate", "promote", "reason"),
     [
-        (0.90, None, 0.0, True, "no champion yet"),
-        (0.95, _champion(0.90), 0.0, True, "beats champion v3"),
-        (0.90, _champion(0.90), 0.0, False, "does not beat"),
-        (0.92, _champion(0.90), 0.05, False, "by more than min_delta 0.05"),
-        (0.99, _champion(0.90, data="other"), 0.0, False, "other test data"),
+        (0.90, None, GATE, True, "test/f1_macro 0.9000: the first score, no champion"),
+        (0.95, _version("3", 0.90), GATE, True, "beats champion v3 0.9000 (on the same test"),
+        (0.90, _version("3", 0.90), GATE, False, "does not beat"),
+        (0.92, _version("3", 0.90), Gate("f1_macro", 0.05), False,
+         "by more than min_delta 0.05"),
+        (0.99, _version("3", 0.90, test="t0"), GATE, None,
+         "has no score on this version's test"),
+        (0.99, _version("3", 0.90, test="t0", **{rescored("t1", "f1_macro"): "0.995000"}), GATE,
+         False, "does not beat champion v3 0.9950 (re-scored on this version's test split"),
+        (0.99, _version("3", 0.90, test="t0", **{rescored("t1", "f1_macro"): "0.980000"}), GATE,
+         True, "beats champion v3 0.9800 (re-scored"),
+        (0.99, _version("3", 0.90, test="t0", **{
+            rescored("t1", "f1_macro"): "not comparable: other classes"}), GATE, False,
+         "not comparable on this test split: other classes"),
+        (0.40, None, Gate("f1_macro", floor=0.5), False, "below the floor min_value 0.5"),
+        (0.60, None, Gate("f1_macro", floor=0.5), True,
+         "test/f1_macro 0.6000, at or above min_value 0.5: the first score"),
     ],
 )
-def test_promotion_gate(value, champion, min_delta, promote, reason):
-    got, why = decide("f1_macro", value, "d1", champion, min_delta)
+def test_the_gate(value, champion, gate, promote, reason):
+    got, why = decide(value, _version("4", value)["tags"], champion, gate)
     assert got is promote
     assert reason in why
+
+
+def test_with_significance_required_the_paired_interval_must_clear_min_delta():
+    gate = Gate("f1_macro", significance=True)
+    champion = _version("3", 0.90)
+    mine = _version("4", 0.95)["tags"]
+    assert decide(0.95, mine, champion, gate)[0] is None  # no paired comparison yet: kept
+    assert decide(0.95, {**mine, paired("3", "t1", "low"): "0.010000"}, champion, gate)[0]
+    got, why = decide(0.95, {**mine, paired("3", "t1", "low"): "-0.010000"}, champion, gate)
+    assert got is False and "not significantly" in why
+
+
+def test_the_paired_comparison_against_hand_computed_values():
+    """30 test images; the new model is right on every one, the old one wrong on one: the
+    difference in accuracy is 1/30, and its 95% interval reaches 0 (resamples without that
+    image), so the one-image improvement is not significant."""
+    y = np.array([0, 1, 2] * 10)
+    new = np.eye(3)[y]
+    old = new.copy()
+    old[0] = [0, 1, 0]
+    result = paired_bootstrap(y, new, old, "accuracy")
+    assert result["difference"] == pytest.approx(1 / 30) and result["images"] == 30
+    assert result["low"] == 0.0 and 1 / 30 <= result["high"] <= 5 / 30
+    same = paired_bootstrap(y, new, new, "f1_macro")
+    assert (same["difference"], same["low"], same["high"]) == (0.0, 0.0, 0.0)
+    flipped = paired_bootstrap(y, new, np.roll(new, 1, axis=1), "accuracy")
+    assert (flipped["difference"], flipped["low"], flipped["high"]) == (1.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "f1_macro", "f1_weighted", "precision_macro",
+                                    "recall_macro"])
+def test_metrics_from_confusion_matrices_are_scikit_learns(metric):
+    rng = np.random.default_rng(1)
+    y, p = rng.integers(0, 5, 200), rng.integers(0, 4, 200)  # class 4 never predicted
+    counts = np.zeros((1, 5, 5))
+    np.add.at(counts[0], (y, p), 1)
+    assert from_confusion(counts, metric)[0] == pytest.approx(
+        classification_metrics(y, np.eye(5)[p])[metric])

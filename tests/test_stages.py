@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 
 import mlflow
@@ -157,9 +158,13 @@ def test_train_evaluate_register_on_one_run(project):
     champion = MlflowClient().get_model_version_by_alias("pipeline-test", "champion")
     assert str(champion.version) == "1"
     # every version's description says why it holds its alias
-    assert champion.description == "@champion: at registration: no champion yet"
+    first = champion.tags["test/f1_macro"]
+    assert champion.description == (
+        f"Holds @champion: promoted when registered: test/f1_macro {float(first):.4f}: the "
+        "first score, no champion to beat.")
     challenger = MlflowClient().get_model_version("pipeline-test", "2")
-    assert challenger.description == f"@challenger: at registration: {decision['reason']}"
+    assert challenger.description == ("Holds @challenger (the latest version not promoted): not "
+                                      f"promoted when registered: {decision['reason']}.")
 
 
 def test_evaluate_and_register_refuse_a_run_missing_from_the_store(project):
@@ -192,7 +197,9 @@ def test_evaluate_and_register_refuse_a_run_missing_from_the_store(project):
     assert not cfg.report_dir("evaluate").exists()  # nothing written
     (cfg.report_dir("evaluate")).mkdir(parents=True)
     (cfg.report_dir("evaluate") / "metrics.json").write_text('{"f1_macro": 0.5}')
-    write_json(cfg.evaluated_file, {"model_sha256": sha256_file(cfg.model_file)})
+    test = read_json(cfg.processed_dir / "meta.json")["split_sha256"]["test"]
+    write_json(cfg.evaluated_file, {"model_sha256": sha256_file(cfg.model_file),
+                                    "test_sha256": test})
     with pytest.raises(DataError, match="no finished training run"):
         register.run(cfg)
     assert not cfg.report_dir("register").exists()
@@ -207,7 +214,9 @@ def test_register_refuses_metrics_of_another_model(project, capsys):
     train.run(cfg)
     evaluate.run(cfg)
     metrics = read_json(cfg.report_dir("evaluate") / "metrics.json")
-    assert read_json(cfg.evaluated_file) == {"model_sha256": sha256_file(cfg.model_file)}
+    assert read_json(cfg.evaluated_file) == {
+        "model_sha256": sha256_file(cfg.model_file),
+        "test_sha256": read_json(cfg.processed_dir / "meta.json")["split_sha256"]["test"]}
     chance = project("tracking.experiment=stale", f"register.model_name={name}",
                      "train.epochs=1", "train.lr=1e-6")
     train.run(chance)
@@ -254,8 +263,9 @@ def test_register_refuses_a_gate_other_than_the_models(project):
     register.run(cfg)
     other = project("tracking.experiment=gate", "register.model_name=gate-test",
                     "train.epochs=1", "register.metric=accuracy")
-    with pytest.raises(ConfigError, match=r"register.metric/min_delta = accuracy/0: registered "
-                                          r"model 'gate-test' is gated on f1_macro/0.0"):
+    with pytest.raises(ConfigError, match=r"registered model 'gate-test' is gated on f1_macro, "
+                                          r"min_delta 0, min_value None, require_significance "
+                                          r"false \(its tags\); this config says accuracy"):
         register.run(other)
     assert len(MlflowClient().search_model_versions("name = 'gate-test'")) == 1
 
@@ -349,7 +359,17 @@ def test_the_default_name_is_the_datasets_and_versions_say_why(project):
     assert (held["reprolab.dataset"], held["reprolab.input_shape"]) == ("digits", "1x8x8")
     version = client.get_model_version("reprolab-digits", decision["version"])
     assert version.tags["model.input_shape"] == "1x8x8"
-    assert version.description == "@champion: at registration: no champion yet"
+    assert version.description.startswith("Holds @champion: promoted when registered: ")
+    # the logged model lists its version, as MLflow's own registration links them
+    logged = client.get_logged_model(version.model_id)
+    assert json.loads(logged.tags["mlflow.modelVersions"]) == [
+        {"name": "reprolab-digits", "version": decision["version"]}]
+    # the registered model says what it holds and how its aliases move
+    text = client.get_registered_model("reprolab-digits").description
+    assert text.startswith("Image classifiers of the digits data (1x8x8 uint8 images, classes "
+                           "0, 1, 2, 3, 4, 5, 6, 7, 8, 9)")
+    assert "becomes @champion when its test/f1_macro beats the champion's by more than " \
+        "min_delta" in text
 
 
 def test_a_model_of_another_shape_is_refused_by_register_evaluate_and_predict(
@@ -465,11 +485,11 @@ def test_promote_moves_the_champion_by_hand_and_register_keeps_it(
     # by hand: v2 becomes champion, recorded in its description
     assert _cli(good, "promote", name, "2") == 0
     out = capsys.readouterr().out.strip()
-    assert out == (f"promote: {name} v2 -> @champion (was v1): @champion: promoted by hand "
-                   "(`reprolab promote`) after v2, replacing v1")
+    assert out == (f"promote: {name} v2 -> @champion (was v1): Holds @champion: promoted by "
+                   "hand (`reprolab promote`) after v2 was registered, replacing v1.")
     assert _aliases(name) == {"champion": "2", "challenger": None}
-    assert client.get_model_version(name, "1").description == (
-        "no alias: at registration: no champion yet; replaced as champion by v2")
+    assert client.get_model_version(name, "1").description.startswith(
+        "No alias: a former champion, replaced by v2; promoted when registered: test/f1_macro ")
     assert "reprolab.promotions" in client.get_model_version(name, "2").tags
 
     # the next register replays the promotion where it happened: v1 again changes nothing
@@ -482,8 +502,8 @@ def test_promote_moves_the_champion_by_hand_and_register_keeps_it(
     assert decision["reason"].startswith("test/f1_macro") and "beats champion v2" in \
         decision["reason"]
     assert client.get_model_version(name, "2").description == (
-        "no alias: promoted by hand (`reprolab promote`) after v2, replacing v1; replaced as "
-        "champion by v3")
+        "No alias: a former champion, replaced by v3; promoted by hand (`reprolab promote`) "
+        "after v2 was registered, replacing v1.")
     assert _aliases(name) == {"champion": "3", "challenger": None}
     assert _cli(good, "promote", name, "3") == 0  # already: nothing recorded
     assert capsys.readouterr().out.strip() == f"promote: {name} v3 is already @champion"

@@ -290,8 +290,8 @@ def test_register_killed_at_each_step_leaves_old_state_or_an_unaliased_complete_
                                          f"register.model_name={name}"))
         settled = _state(name)  # the next run adopted what the kill left
         assert settled["aliases"] == {"champion": "2"} and decision["version"] == "2"
-        assert settled["versions"]["1"]["description"].startswith("no alias: ")
-        assert settled["versions"]["2"]["description"].startswith("@champion: ")
+        assert settled["versions"]["1"]["description"].startswith("No alias: ")
+        assert settled["versions"]["2"]["description"].startswith("Holds @champion: ")
     assert kills >= 3  # the version, its description, the alias, the former champion's
 
 

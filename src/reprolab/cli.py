@@ -34,7 +34,7 @@ READS = {
     "tune": ("nets", "${paths.weights}"),
     "train": ("nets", "${paths.weights}"),
     "evaluate": ("nets", "metrics"),
-    "register": ("sources",),
+    "register": ("sources", "metrics"),
 }
 # Commands that are not pipeline stages ("module:function" when the function is not `main`).
 TOOLS = {

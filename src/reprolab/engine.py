@@ -82,14 +82,16 @@ class FitResult:
 @torch.no_grad()
 def loss_and_correct(model: nn.Module, split: Split, batch_size: int, precision: str = "fp32"
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (summed cross-entropy as float64, count of correct predictions) over the split."""
+    """-> (summed cross-entropy as float64, count of correct predictions) over the split, on the
+    model's device (a mapped split is read a batch at a time)."""
     model.eval()
-    device = split.x.device
+    device = _device_of(model, split)
     total_loss = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.long)
     with autocast(device, precision):
         for start in range(0, len(split), batch_size):
-            xb, yb = split.x[start : start + batch_size], split.y[start : start + batch_size]
+            xb = split.x[start : start + batch_size].to(device, non_blocking=True)
+            yb = split.y[start : start + batch_size].to(device, non_blocking=True)
             logits = model(xb).float()
             total_loss += nn.functional.cross_entropy(logits, yb, reduction="sum")
             correct += (logits.argmax(1) == yb).sum()
@@ -104,9 +106,16 @@ def evaluate(model: nn.Module, split: Split, batch_size: int, precision: str = "
 
 @torch.no_grad()
 def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Class probabilities of images (read a batch at a time), on the CPU."""
     model.eval()
-    chunks = [model(x[i : i + batch_size]).float().softmax(1) for i in range(0, len(x), batch_size)]
-    return torch.cat(chunks)
+    device = _device_of(model, None)
+    return torch.cat([model(x[i : i + batch_size].to(device)).float().softmax(1).cpu()
+                      for i in range(0, len(x), batch_size)])
+
+
+def _device_of(model: nn.Module, split: Split | None) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else split.x.device
 
 
 # ---- training ----
@@ -244,7 +253,8 @@ def _train_epoch(loop: _Loop, train: Split, hp: Hyper, progress: Progress
     epoch, device = loop.epoch + 1, loop.device
     loop.net.train()
     frozen = _freeze(loop, hp)
-    order = torch.randperm(len(train), generator=loop.generator).to(device)
+    # the order lives where the images do: on the device, or on the CPU for a mapped split
+    order = torch.randperm(len(train), generator=loop.generator).to(train.x.device)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     # Reading a loss syncs a GPU, and across ranks the check is a reduction: there the first
@@ -253,7 +263,7 @@ def _train_epoch(loop: _Loop, train: Split, hp: Hyper, progress: Progress
     first_bad = torch.full((), ddp.NO_STEP, device=device, dtype=torch.long)
     progress.start(epoch)
     batches = batches_of(train, order, hp.batch_size, hp.crop_padding, hp.flip, loop.generator,
-                         loop.rank, loop.world)
+                         loop.rank, loop.world, device)
     for step, (xb, yb, weight) in enumerate(batches, start=1):
         loss, batch_loss, logits = _forward(loop, xb, yb, weight, hp)
         if every_step:

@@ -184,7 +184,8 @@ def run(cfg: Config) -> dict[str, float]:
     out = cfg.report_dir("evaluate")
     write_json(cfg.metrics_file, metrics)
     # which model these metrics measure; its training run is the one with this hash
-    write_json(cfg.evaluated_file, {"model_sha256": model_hash})
+    write_json(cfg.evaluated_file, {"model_sha256": model_hash,
+                                    "test_sha256": meta["split_sha256"]["test"]})
     write_json(out / PER_CLASS_FILE, per_class_report(y_true, y_pred, classes))
     write_text(out / PREDICTIONS_FILE, predictions_csv(y_true, y_pred, classes))
     write_confusion_png(out / CONFUSION_PNG, y_true, y_pred, classes)

@@ -1,8 +1,12 @@
 """The champion gate and its replay: pure functions of a registered model's versions (no mlflow).
 
 The aliases are a pure function of the registry's own versions: every version, replayed in version
-order through the gate (same test data, better test metric by more than `register.min_delta`),
-gives the champion (the last one promoted) and the challenger (the last one not promoted). Each
+order through the gate (a better test metric than the champion's on this version's own test
+split, by more than `register.min_delta`; never below `register.min_value`; with
+`register.require_significance`, a paired interval that clears min_delta), gives the champion
+(the last one promoted) and the challenger (the last one not promoted). A champion scored on
+other test images is re-scored on the new version's test split by `register`, which records the
+score on the champion (a tag keyed by that split's sha256): the replay reads it from there. Each
 `register` adds its version, recomputes both from all versions and writes them, and repeats when
 the set of versions changed meanwhile. So any number of processes on any number of machines,
 interleaved in any order, leave the aliases that registering them one by one would have left.
@@ -23,12 +27,17 @@ from typing import Any
 from reprolab.errors import ConfigError
 from reprolab.tags import (
     DATA_MANIFEST,
+    DATA_TEST,
     GATE_DELTA,
+    GATE_FLOOR,
     GATE_METRIC,
+    GATE_SIGNIFICANCE,
     INPUT_SHAPE,
     MODEL_DATASET,
     MODEL_SHAPE,
     PROMOTIONS,
+    paired,
+    rescored,
     test_metric,
 )
 
@@ -39,32 +48,97 @@ def shape_text(shape: tuple[int, ...] | list[int]) -> str:
     return "x".join(str(int(n)) for n in shape)
 
 
-def decide(
-    metric: str, value: float, data_hash: str, champion: dict[str, Any] | None, min_delta: float,
-    shape: str | None = None,
-) -> tuple[bool, str]:
-    """-> (promote, reason). Pure: the gate, apart from the registry."""
+@dataclass(frozen=True)
+class Gate:
+    """The registered model's gate (its tags): every process applies the same one."""
+
+    metric: str
+    min_delta: float = 0.0
+    floor: float | None = None  # register.min_value: never champion below it
+    significance: bool = False  # register.require_significance: the interval must clear min_delta
+
+    def tags(self) -> dict[str, str]:
+        return {GATE_METRIC: self.metric, GATE_DELTA: repr(float(self.min_delta)),
+                GATE_FLOOR: "none" if self.floor is None else repr(float(self.floor)),
+                GATE_SIGNIFICANCE: str(self.significance).lower()}
+
+    @classmethod
+    def of(cls, stored: dict[str, str]) -> Gate:
+        """The gate a registered model's tags hold (a tag it lacks: the default)."""
+        floor = stored.get(GATE_FLOOR, "none")
+        return cls(stored[GATE_METRIC], float(stored.get(GATE_DELTA, "0")),
+                   None if floor == "none" else float(floor),
+                   stored.get(GATE_SIGNIFICANCE, "false") == "true")
+
+
+def test_identity(tags: dict[str, str]) -> str | None:
+    """Which test images a version was scored on: its test split's sha256. A version registered
+    before reprolab recorded it is known by its raw data's manifest (as the gate compared them
+    then); None: neither (not registered by reprolab)."""
+    if tags.get(DATA_TEST):
+        return tags[DATA_TEST]
+    return f"manifest:{tags[DATA_MANIFEST]}" if tags.get(DATA_MANIFEST) else None
+
+
+@dataclass(frozen=True)
+class Need:
+    """A score the replay needs and the registry does not hold: `champion` scored on the test
+    split `test` (and, with significance, compared with `version` image by image). The next
+    `register` that holds that test split computes it (register.py)."""
+
+    champion: str
+    version: str
+    test: str
+
+
+def decide(value: float, tags: dict[str, str], champion: dict[str, Any] | None, gate: Gate,
+           number: str = "") -> tuple[bool | None, str]:
+    """-> (promote, reason); promote None: a score it needs is missing (the champion stays).
+    Pure: the gate, apart from the registry."""
+    metric, shape, test = gate.metric, tags.get(INPUT_SHAPE), test_identity(tags)
+    if gate.floor is not None and value < gate.floor:
+        return False, f"test/{metric} {value:.4f} is below the floor min_value {gate.floor:g}"
     if champion is None:
-        return True, "no champion yet"
-    tags = champion["tags"]
-    if shape and tags.get(INPUT_SHAPE, shape) != shape:
-        return False, (
-            f"champion v{champion['version']} takes {tags[INPUT_SHAPE]} images, this one {shape}; "
+        floor = f", at or above min_value {gate.floor:g}" if gate.floor is not None else ""
+        return True, f"test/{metric} {value:.4f}{floor}: the first score, no champion to beat"
+    held, c = champion["tags"], champion["version"]
+    if shape and held.get(INPUT_SHAPE, shape) != shape:
+        return False, f"champion v{c} takes {held[INPUT_SHAPE]} images, this one {shape}; " \
             "not comparable"
-        )
-    if tags.get(DATA_MANIFEST) != data_hash:
-        return False, (
-            f"champion v{champion['version']} was evaluated on other test data "
-            f"({tags.get(DATA_MANIFEST, 'unknown')[:12]} vs {data_hash[:12]}); not comparable "
-            "(promote it by hand: `reprolab promote NAME VERSION`)"
-        )
-    best = float(tags[test_metric(metric)])
-    if value > best + min_delta:
-        return True, f"test/{metric} {value:.4f} beats champion v{champion['version']} {best:.4f}"
-    return False, (
-        f"test/{metric} {value:.4f} does not beat champion v{champion['version']} {best:.4f} "
-        f"by more than min_delta {min_delta:g}"
-    )
+    if test_identity(held) == test:
+        best, where = float(held[test_metric(metric)]), "on the same test split"
+    else:
+        score = held.get(rescored(test, metric))
+        if score is None:
+            return None, (f"champion v{c} has no score on this version's test split "
+                          f"({test[:12]}) yet: kept; the next `register` with that split "
+                          "scores it")
+        if not _number(score):
+            return False, (f"champion v{c} is not comparable on this test split: "
+                           f"{score.removeprefix('not comparable: ')}")
+        best, where = float(score), f"re-scored on this version's test split ({test[:12]})"
+    if value <= best + gate.min_delta:
+        return False, (f"test/{metric} {value:.4f} does not beat champion v{c} {best:.4f} "
+                       f"({where}) by more than min_delta {gate.min_delta:g}")
+    reason = f"test/{metric} {value:.4f} beats champion v{c} {best:.4f} ({where})"
+    if not gate.significance:
+        return True, reason
+    low = tags.get(paired(c, test, "low"))
+    if low is None:
+        return None, (f"{reason}, but no paired comparison with v{c} is recorded yet: kept; the "
+                      "next `register` with that split makes it")
+    if float(low) <= gate.min_delta:
+        return False, (f"{reason}, but not significantly: the 95% interval of the difference "
+                       f"starts at {float(low):.4f}, not above min_delta {gate.min_delta:g}")
+    return True, f"{reason}, significantly (95% interval from {float(low):.4f})"
+
+
+def _number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -72,6 +146,8 @@ class Replay:
     champion: str | None
     challenger: str | None
     verdicts: dict[str, tuple[bool, str]]  # version -> (promoted at its turn, why)
+    needs: list[Need] = field(default_factory=list)  # scores it lacked (the champion stayed)
+    compared: dict[str, str] = field(default_factory=dict)  # version -> the champion it met
     # version -> why it got its last alias (registration or promotion by hand)
     why: dict[str, str] = field(default_factory=dict)
     replaced_by: dict[str, str] = field(default_factory=dict)  # former champion -> successor
@@ -98,69 +174,96 @@ def events(versions: list[dict[str, Any]]) -> list[tuple[dict[str, Any], int | N
     return [(version, after) for _, version, after in sorted(keyed, key=lambda e: e[0])]
 
 
-def replay(versions: list[dict[str, Any]], metric: str, min_delta: float) -> Replay:
+def replay(versions: list[dict[str, Any]], gate: Gate) -> Replay:
     """Registering `versions` one by one in version order, with the promotions by hand where they
     happened: who ends champion and challenger, and why each version holds what it holds.
 
-    Pure. A version without this metric's test tag (not registered by reprolab) takes no part.
+    Pure: the scores it compares are the versions' tags, a champion's re-scores on other test
+    splits and the paired comparisons included. Where one it needs is missing, the champion
+    stays and `needs` says which. A version without this metric's test tag (not registered by
+    reprolab) takes no part, and its description says so.
     """
     champion: dict[str, Any] | None = None
     challenger: str | None = None
     verdicts: dict[str, tuple[bool, str]] = {}
     why: dict[str, str] = {}
     replaced_by: dict[str, str] = {}
+    needs: list[Need] = []
+    compared: dict[str, str] = {}
     for version, after in events(versions):
         number, tags = version["version"], version["tags"]
         if after is not None:  # promoted by hand: champion whatever the gate says
+            why[number] = f"promoted by hand (`reprolab promote`) after v{after} was registered"
             if champion is not None and champion["version"] != number:
                 replaced_by[champion["version"]] = number
-                why[number] = (f"promoted by hand (`reprolab promote`) after v{after}, "
-                               f"replacing v{champion['version']}")
-            else:
-                why[number] = f"promoted by hand (`reprolab promote`) after v{after}"
+                why[number] += f", replacing v{champion['version']}"
             champion = version
             challenger = None if challenger == number else challenger
             continue
-        if test_metric(metric) not in tags or DATA_MANIFEST not in tags:
-            verdicts[number] = (False, f"no test/{metric} tag; not compared")
-            why[number] = f"at registration: {verdicts[number][1]}"
+        if test_metric(gate.metric) not in tags or test_identity(tags) is None:
+            verdicts[number] = (False, f"no test/{gate.metric} tag; not compared")
+            why[number] = f"not compared when registered: it has no test/{gate.metric} tag"
             continue
-        promote, reason = decide(metric, float(tags[test_metric(metric)]), tags[DATA_MANIFEST],
-                                 champion, min_delta, tags.get(INPUT_SHAPE))
-        verdicts[number] = (promote, reason)
-        why[number] = f"at registration: {reason}"
+        promote, reason = decide(float(tags[test_metric(gate.metric)]), tags, champion, gate)
+        if champion is not None:
+            compared[number] = champion["version"]
+        if promote is None:
+            needs.append(Need(champion["version"], number, test_identity(tags)))
+        verdicts[number] = (bool(promote), reason)
+        why[number] = f"{'promoted' if promote else 'not promoted'} when registered: {reason}"
         if promote:
             if champion is not None:
                 replaced_by[champion["version"]] = number
             champion = version
         else:
             challenger = number
-    return Replay(champion["version"] if champion else None, challenger, verdicts, why,
-                  replaced_by)
+    return Replay(champion["version"] if champion else None, challenger, verdicts, needs,
+                  compared, why, replaced_by)
 
 
 def description(number: str, result: Replay) -> str:
-    """Why version `number` holds its alias (or none), from the replay."""
+    """Why version `number` holds its alias (or none), from the replay: one paragraph for the
+    version's page."""
     why = result.why.get(number, "not replayed")
     if number == result.champion:
-        return f"@{CHAMPION}: {why}"
+        return f"Holds @{CHAMPION}: {why}."
     if number == result.challenger:
-        return f"@{CHALLENGER}: {why}"
+        return f"Holds @{CHALLENGER} (the latest version not promoted): {why}."
     if number in result.replaced_by:
-        return f"no alias: {why}; replaced as champion by v{result.replaced_by[number]}"
-    later = f"; v{result.challenger} is the later challenger" if result.challenger else ""
-    return f"no alias: {why}{later}"
+        return f"No alias: a former champion, replaced by v{result.replaced_by[number]}; {why}."
+    later = f"; v{result.challenger} is a later challenger" if result.challenger else ""
+    return f"No alias: {why}{later}."
 
 
-def check_gate(name: str, stored: dict[str, str], metric: str, min_delta: float) -> None:
+def model_description(gate: Gate, dataset: str, shape: str, classes: list[str]) -> str:
+    """The registered model's description: what it holds and how its aliases move."""
+    names = ", ".join(classes[:12]) + (f", ... ({len(classes)} in all)" if len(classes) > 12
+                                       else "")
+    rules = [f"its test/{gate.metric} beats the champion's by more than min_delta "
+             f"{gate.min_delta:g}, on the new version's test split"]
+    if gate.floor is not None:
+        rules.append(f"it is at least min_value {gate.floor:g}")
+    if gate.significance:
+        rules.append("the 95% interval of the paired difference clears min_delta")
+    return (f"Image classifiers of the {dataset} data ({shape} uint8 images, classes {names}), "
+            f"registered by reprolab's register stage. A new version becomes @{CHAMPION} when "
+            f"{' and '.join(rules)}; otherwise it becomes @{CHALLENGER}. `reprolab promote` "
+            "moves @champion by hand. Each version's description says why it holds its alias, "
+            "or none; its tags hold its lineage (git.commit, data.manifest_sha256, "
+            "params_hash) and its test metrics.")
+
+
+def check_gate(name: str, stored: dict[str, str], gate: Gate) -> None:
     """Processes with different gates would undo each other's aliases: refuse a mismatch."""
-    want = {GATE_METRIC: metric, GATE_DELTA: repr(float(min_delta))}
-    for key, value in want.items():
+    for key, value in gate.tags().items():
         if key in stored and stored[key] != value:
+            held = Gate.of({**gate.tags(), **stored})
             raise ConfigError(
-                f"register.metric/min_delta = {metric}/{min_delta:g}: registered model {name!r} "
-                f"is gated on {stored.get(GATE_METRIC)}/{stored.get(GATE_DELTA)} "
-                "(its tags); use those, or another register.model_name"
+                f"register: registered model {name!r} is gated on {held.metric}, min_delta "
+                f"{held.min_delta:g}, min_value {held.floor}, require_significance "
+                f"{str(held.significance).lower()} (its tags); this config says "
+                f"{gate.metric}, {gate.min_delta:g}, {gate.floor}, "
+                f"{str(gate.significance).lower()}: use its, or another register.model_name"
             )
 
 
@@ -181,5 +284,5 @@ def check_holds(name: str, stored: dict[str, str], dataset: str, shape: str) -> 
 
 
 def replay_state(versions: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """What the replay reads: the versions and their promotions by hand."""
-    return [(v["version"], v["tags"].get(PROMOTIONS, "")) for v in versions]
+    """What the replay reads: the versions, their promotions by hand, their scores."""
+    return [(v["version"], repr(sorted(v["tags"].items()))) for v in versions]

@@ -87,3 +87,56 @@ def score(y_true: np.ndarray, probs: np.ndarray,
                             "number")
         metrics[name] = float(value)
     return metrics
+
+
+# ---- paired comparison of two models on the same test images ----
+
+
+def from_confusion(counts: np.ndarray, metric: str) -> np.ndarray:
+    """A built-in metric from confusion matrices (R x K x K: true x predicted), vectorised over
+    the first axis; the same values as scikit-learn's with zero_division=0."""
+    tp = np.diagonal(counts, axis1=1, axis2=2).astype(np.float64)
+    support, predicted = counts.sum(axis=2), counts.sum(axis=1)
+    total = support.sum(axis=1)
+    if metric == "accuracy":
+        return tp.sum(axis=1) / total
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted > 0, tp / predicted, 0.0)
+        recall = np.where(support > 0, tp / support, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    # scikit-learn averages over the classes present in either the labels or the predictions
+    present = (support + predicted) > 0
+    macro = {"f1_macro": f1, "precision_macro": precision, "recall_macro": recall}
+    if metric in macro:
+        return (macro[metric] * present).sum(axis=1) / present.sum(axis=1)
+    if metric == "f1_weighted":
+        return (f1 * support).sum(axis=1) / total
+    raise KeyError(metric)
+
+
+def paired_bootstrap(y: np.ndarray, probs_new: np.ndarray, probs_old: np.ndarray, metric: str,
+                     extra: dict[str, Callable[..., Any]] | None = None, rounds: int = 1000,
+                     seed: int = 0) -> dict[str, float]:
+    """The new model's `metric` minus the old one's on the same test images, with the 95%
+    interval of that difference over `rounds` bootstrap resamples of the images (the same
+    resample for both models: a paired comparison). -> {difference, low, high, images}."""
+    rng = np.random.default_rng(seed)
+    n, k = probs_new.shape
+    new, old = probs_new.argmax(1), probs_old.argmax(1)
+    index = rng.integers(0, n, size=(rounds, n))
+    if metric in BUILTIN:
+        def values(pred: np.ndarray, rows: np.ndarray) -> np.ndarray:
+            codes = (y * k + pred)[rows]
+            counts = np.stack([np.bincount(r, minlength=k * k) for r in codes])
+            return from_confusion(counts.reshape(len(rows), k, k), metric)
+
+        whole = np.arange(n)[None]
+        difference = float(values(new, whole)[0] - values(old, whole)[0])
+        spread = values(new, index) - values(old, index)
+    else:
+        fn = (extra or {})[metric]
+        difference = float(fn(y, new, probs_new) - fn(y, old, probs_old))
+        spread = np.array([fn(y[r], new[r], probs_new[r]) - fn(y[r], old[r], probs_old[r])
+                           for r in index])
+    low, high = np.percentile(spread, [2.5, 97.5])
+    return {"difference": difference, "low": float(low), "high": float(high), "images": int(n)}

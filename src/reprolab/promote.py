@@ -10,12 +10,11 @@ from typing import Any
 
 from reprolab.config import Config
 from reprolab.errors import DataError
-from reprolab.gate import description, replay
+from reprolab.gate import Gate, description, replay
 from reprolab.register import settle_aliases
 from reprolab.tags import (
     DATA_MANIFEST,
     DATASET,
-    GATE_DELTA,
     GATE_METRIC,
     INPUT_SHAPE,
     MODEL_DATASET,
@@ -66,22 +65,21 @@ def promote(name: str, number: str) -> dict[str, Any]:
     version = registry.registered_version(f"models:/{name}/{number}")  # refuses a missing one
     number = version["version"]
     stored = registry.registered_model_tags(name)
-    metric = stored.get(GATE_METRIC)
-    if metric is None:
+    if GATE_METRIC not in stored:
         raise DataError(f"registered model {name!r}: no {GATE_METRIC} tag (not created by "
                         "`reprolab register`); nothing to promote through")
-    min_delta = float(stored.get(GATE_DELTA, "0"))
-    check_lineage(name, version, stored, metric)
+    gate = Gate.of(stored)
+    check_lineage(name, version, stored, gate.metric)
     with tempfile.TemporaryDirectory(prefix="reprolab-promote-") as tmp:
         registry.fetch_checked(version, Path(tmp))  # its bytes are the registered ones
     versions = registry.model_versions(name)
-    before = replay(versions, metric, min_delta).champion
+    before = replay(versions, gate).champion
     if before != number:
         after = max(int(v["version"]) for v in versions)
         when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         entries = f"{version['tags'].get(PROMOTIONS, '')} {after}@{when}".strip()
         registry.set_version_tag(name, number, PROMOTIONS, entries)
-    result, _ = settle_aliases(name, metric, min_delta)
+    result, _ = settle_aliases(name, gate)
     return {"model_name": name, "version": number, "previous": before,
             "champion": result.champion, "challenger": result.challenger,
             "description": description(number, result)}

@@ -14,28 +14,31 @@ import logging
 from typing import Any
 
 from reprolab.config import Config
+from reprolab.data import load_meta
 from reprolab.errors import DataError
 from reprolab.files import read_json, sha256_file, write_json
 from reprolab.gate import (
     CHALLENGER,
     CHAMPION,
+    Gate,
     Replay,
     check_gate,
     check_holds,
     description,
+    model_description,
     replay,
     replay_state,
     shape_text,
 )
 from reprolab.tags import (
+    DATA_TEST,
     DATASET,
-    GATE_DELTA,
-    GATE_METRIC,
     INPUT_SHAPE,
     MODEL_DATASET,
     MODEL_HASH,
     MODEL_SHAPE,
     TRAINING_RUN,
+    paired,
     test_metric,
 )
 
@@ -43,9 +46,9 @@ log = logging.getLogger(__name__)
 
 DECISION_FILE = "decision.json"
 
-def evaluated_metrics(cfg: Config) -> tuple[dict[str, float], str]:
-    """-> (the test metrics, the model's sha256), refused unless evaluate measured the very
-    model in models/."""
+def evaluated_metrics(cfg: Config) -> tuple[dict[str, float], str, str]:
+    """-> (the test metrics, the model's sha256, the test split's sha256), refused unless
+    evaluate measured the very model in models/ on the test split in processed/."""
     metrics_path, model_path = cfg.metrics_file, cfg.model_file
     if not model_path.is_file():
         raise DataError(f"{model_path}: not found; run `reprolab train` and `reprolab evaluate` "
@@ -53,33 +56,43 @@ def evaluated_metrics(cfg: Config) -> tuple[dict[str, float], str]:
     for path in (metrics_path, cfg.evaluated_file):
         if not path.is_file():
             raise DataError(f"{path}: not found; run `reprolab evaluate` (or `dvc repro`) first")
-    measured = str(read_json(cfg.evaluated_file).get("model_sha256"))
-    model_hash = sha256_file(model_path)
+    evaluated = read_json(cfg.evaluated_file)
+    measured, model_hash = str(evaluated.get("model_sha256")), sha256_file(model_path)
     if measured != model_hash:
         raise DataError(
             f"{metrics_path}: measures model {measured[:12]}, not {model_path} "
             f"({model_hash[:12]}); run `reprolab evaluate` (or `dvc repro`) before registering"
         )
-    return read_json(metrics_path), model_hash
+    test = load_meta(cfg.processed_dir)["split_sha256"]["test"]
+    if evaluated.get("test_sha256") != test:
+        raise DataError(f"{metrics_path}: measures another test split than the one in "
+                        f"{cfg.processed_dir}; run `reprolab evaluate` (or `dvc repro`) before "
+                        "registering")
+    return read_json(metrics_path), model_hash, test
 
 
-def registered_model(name: str, metric: str, min_delta: float, dataset: str, shape: str
+def gate_of(cfg: Config) -> Gate:
+    r = cfg.register
+    return Gate(r.metric, r.min_delta, r.min_value, r.require_significance)
+
+
+def registered_model(name: str, gate: Gate, dataset: str, shape: str, classes: list[str]
                      ) -> None:
-    """Create the registered model with its gate, dataset and shape, or check that it has them
-    (a model registered before a tag existed adopts it)."""
+    """Create the registered model with its gate, dataset, shape and description, or check that
+    it has them (a model registered before a tag existed adopts it)."""
     from reprolab import registry
 
-    want = {GATE_METRIC: metric, GATE_DELTA: repr(float(min_delta)),
-            MODEL_DATASET: dataset, MODEL_SHAPE: shape}
-    stored = registry.ensure_registered_model(name, want)
-    check_gate(name, stored, metric, min_delta)
+    want = {**gate.tags(), MODEL_DATASET: dataset, MODEL_SHAPE: shape}
+    stored = registry.ensure_registered_model(
+        name, want, model_description(gate, dataset, shape, classes))
+    check_gate(name, stored, gate)
     check_holds(name, stored, dataset, shape)
     missing = {k: v for k, v in want.items() if k not in stored}
     if missing:
         registry.set_registered_model_tags(name, missing)
 
 
-def settle_aliases(name: str, metric: str, min_delta: float) -> tuple[Replay, list[str]]:
+def settle_aliases(name: str, gate: Gate) -> tuple[Replay, list[str]]:
     """Write the aliases and descriptions that the replay of all versions gives; again while
     versions (or promotions) appear.
 
@@ -95,7 +108,7 @@ def settle_aliases(name: str, metric: str, min_delta: float) -> tuple[Replay, li
 
     versions = registry.model_versions(name)
     while True:
-        result = replay(versions, metric, min_delta)
+        result = replay(versions, gate)
         # A version is described before an alias moves to it, the others after: a kill in
         # between leaves a complete version that no alias points to (the next run adopts it)
         # or a former champion whose description lags by one step (the next run mends it).
@@ -141,17 +154,16 @@ def skipped(cfg: Config, metrics: dict[str, float]) -> dict[str, Any]:
 def run(cfg: Config) -> dict[str, Any]:
     from reprolab import registry, tracking
 
-    metrics, model_hash = evaluated_metrics(cfg)
+    metrics, model_hash, test = evaluated_metrics(cfg)
     if not cfg.register.enabled:
         return skipped(cfg, metrics)
     tracking.configure(cfg)
     run_info = tracking.training_run_for(cfg.model_file, model_hash, cfg.tracking.experiment)
-    name, metric, min_delta = cfg.registered_model_name, cfg.register.metric, \
-        cfg.register.min_delta
+    name, gate = cfg.registered_model_name, gate_of(cfg)
     # the shape the logged model takes (its signature), the dataset its run trained on
     shape = shape_text(tracking.model_input_shape(run_info["model_uri"]))
     dataset = run_info["tags"].get(DATASET, cfg.data.dataset)
-    registered_model(name, metric, min_delta, dataset, shape)
+    registered_model(name, gate, dataset, shape, load_meta(cfg.processed_dir)["classes"])
     # the logged model's bytes are the ones its run recorded (none swapped since training)
     what = f"the model of training run {run_info['run_id']}"
     recorded = registry.recorded_files(run_info["tags"], what, made="trained")
@@ -161,11 +173,14 @@ def run(cfg: Config) -> dict[str, Any]:
         **run_info["tags"],
         TRAINING_RUN: run_info["run_id"],
         INPUT_SHAPE: shape,
+        DATA_TEST: test,
         **{test_metric(k): f"{v:.6f}" for k, v in metrics.items()},
     }
     version = registry.register_version(name, run_info["model_uri"], run_info["run_id"], tags)
     version = one_version_per_model(name, version, tags[MODEL_HASH])
-    result, _ = settle_aliases(name, metric, min_delta)
+    registry.link_logged_model(run_info["model_uri"], name, version)
+    score_what_the_gate_needs(cfg, name, gate, version, test, shape)
+    result, _ = settle_aliases(name, gate)
     promoted, reason = result.verdicts[version]
     alias = {result.champion: CHAMPION, result.challenger: CHALLENGER}.get(version)
     decision = {
@@ -175,14 +190,58 @@ def run(cfg: Config) -> dict[str, Any]:
         "promoted": promoted,
         "skipped": False,
         "reason": reason,
-        "metric": test_metric(metric),
-        "value": float(metrics[metric]),
+        "metric": test_metric(gate.metric),
+        "value": float(metrics[gate.metric]),
+        "min_value": gate.floor,
         "champion": result.champion,
         "challenger": result.challenger,
+        "paired": paired_comparison(name, version, result.compared.get(version), test, gate),
     }
     write_json(cfg.report_dir("register") / DECISION_FILE, decision)
     log.info("register: %s v%s -> %s (%s)", name, version, alias, reason)
     return decision
+
+
+def score_what_the_gate_needs(cfg: Config, name: str, gate: Gate, version: str, test: str,
+                              shape: str) -> None:
+    """The scores the gate needs on this project's test split and the registry lacks (the
+    champion re-scored on it; the paired comparison of this version with the champion it
+    meets), computed and recorded on the versions; again while the replay asks for more."""
+    from reprolab import registry, rescore
+    from reprolab.data import load_meta, load_split
+    from reprolab.metrics import user_metrics
+
+    extra = user_metrics(cfg.evaluate.metrics, cfg.base_dir)
+    meta, split = load_meta(cfg.processed_dir), load_split(cfg.processed_dir, "test")
+    for _ in range(3):  # each round's scores may move the champion another version meets
+        versions = registry.model_versions(name)
+        result = replay(versions, gate)
+        pairs = [(need.champion, need.version) for need in result.needs]
+        if version in result.compared:
+            pairs.append((result.compared[version], version))
+        adds = rescore.tags_to_add(name, versions, pairs, test, split, meta["classes"], shape,
+                                   gate, extra)
+        if not adds:
+            return
+        for number, key, value in adds:
+            registry.set_version_tag(name, number, key, value)
+
+
+def paired_comparison(name: str, version: str, champion: str | None, test: str, gate: Gate
+                      ) -> dict[str, Any] | None:
+    """The paired comparison of `version` with the champion it met, as recorded on it."""
+    from reprolab import registry
+
+    if champion is None:
+        return None
+    held = registry.registered_version(f"models:/{name}/{version}")["tags"]
+    if paired(champion, test, "difference") not in held:
+        return None
+    return {"against": champion, "metric": test_metric(gate.metric),
+            "difference": float(held[paired(champion, test, "difference")]),
+            "interval_95": [float(held[paired(champion, test, "low")]),
+                            float(held[paired(champion, test, "high")])],
+            "require_significance": gate.significance}
 
 
 def main(cfg: Config, args: Any) -> None:

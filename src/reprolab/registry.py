@@ -166,12 +166,17 @@ def _load_folder(folder: Path, model_uri: str, allow_pickle: bool
 # ---- registered models and versions ----
 
 
-def ensure_registered_model(name: str, tags: dict[str, str]) -> dict[str, str]:
-    """Create the registered model with `tags` unless it exists; -> its tags as stored."""
+def ensure_registered_model(name: str, tags: dict[str, str], description: str
+                            ) -> dict[str, str]:
+    """Create the registered model with `tags` and `description` unless it exists (its
+    description is brought up to date); -> its tags as stored."""
     client = MlflowClient()
     with contextlib.suppress(MlflowException):  # it exists, or another process created it first
-        client.create_registered_model(name, tags=tags)
-    return dict(client.get_registered_model(name).tags)
+        client.create_registered_model(name, tags=tags, description=description)
+    model = client.get_registered_model(name)
+    if (model.description or "") != description:
+        client.update_registered_model(name, description=description)
+    return dict(model.tags)
 
 
 def register_version(name: str, model_uri: str, run_id: str, tags: dict[str, str]) -> str:
@@ -191,6 +196,22 @@ def register_version(name: str, model_uri: str, run_id: str, tags: dict[str, str
         name, model_uri, run_id=run_id, tags=tags, model_id=model_id
     )
     return str(version.version)
+
+
+def link_logged_model(model_uri: str, name: str, version: str) -> None:
+    """List the version on its logged model's page, as mlflow.register_model does (the tag
+    mlflow.modelVersions: [{name, version}, ...]), so that the UI shows the logged model
+    registered; idempotent (a run killed before it is mended by the next `register`)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    if not model_uri.startswith("models:/m-"):
+        return
+    client, model_id = MlflowClient(), model_uri.removeprefix("models:/")
+    held = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+    entry = {"name": name, "version": str(version)}
+    if entry not in held:
+        client.set_logged_model_tags(model_id,
+                                     {MLFLOW_MODEL_VERSIONS: json.dumps([*held, entry])})
 
 
 def model_versions(name: str) -> list[dict[str, Any]]:

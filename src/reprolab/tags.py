@@ -14,6 +14,7 @@ GIT_DIRTY = "git.dirty"  # "true" when tracked files differed from that commit
 PARAMS_HASH = "params_hash"  # sha256 of the resolved config (models/config.yaml)
 DATA_MANIFEST = "data.manifest_sha256"  # sha256 of the raw data's manifest
 DATA_PROCESSED = "data.processed_sha256"  # one hash of the processed splits
+DATA_TEST = "data.test_sha256"  # the test split's own hash: the images the gate compares on
 DATASET = "data.dataset"  # the data source's name
 TORCH_VERSION = "torch.version"
 CPU_CAPABILITY = "torch.cpu_capability"  # AVX2, AVX512, ...: bitwise results depend on it
@@ -48,6 +49,8 @@ PROMOTIONS = "reprolab.promotions"  # promotions by hand: "AFTER@UTC-TIME ..."
 # ---- registry: the registered model's tags (one gate, one dataset, one input shape)
 GATE_METRIC = "reprolab.gate.metric"
 GATE_DELTA = "reprolab.gate.min_delta"
+GATE_FLOOR = "reprolab.gate.min_value"  # "none", or the floor no champion may be below
+GATE_SIGNIFICANCE = "reprolab.gate.require_significance"  # "true" or "false"
 MODEL_DATASET = "reprolab.dataset"
 MODEL_SHAPE = "reprolab.input_shape"
 
@@ -63,3 +66,15 @@ EXPERIMENT_KIND = "mlflow.experimentKind"
 def test_metric(metric: str) -> str:
     """A test metric's name on runs and versions: `test/<metric>`."""
     return f"test/{metric}"
+
+
+def rescored(test: str, metric: str) -> str:
+    """On a version: its `metric` re-scored on another version's test split (`test`, that split's
+    sha256): `rescored/<first 16 of it>/<metric>`."""
+    return f"rescored/{test.removeprefix('manifest:')[:16]}/{metric}"
+
+
+def paired(champion: str, test: str, what: str) -> str:
+    """On a version: its paired comparison with the champion `champion` on its own test split,
+    image by image (`what`: difference, low, high of the 95% bootstrap interval)."""
+    return f"paired/v{champion}/{test.removeprefix('manifest:')[:16]}/{what}"

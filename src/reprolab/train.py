@@ -103,7 +103,10 @@ def train_locked(cfg: Config, device: torch.device, progress: bool) -> TrainResu
     recipe = model_recipe(cfg, load_meta(cfg.processed_dir))
     model = recipe.build()
     spec = recipe.spec
-    meta, train_split, val_split = load_training_data(cfg.processed_dir, device)
+    # the ranks of this machine share the budget (and, beyond it, one mapping in the page cache)
+    meta, train_split, val_split = load_training_data(
+        cfg.processed_dir, device, cfg.train.memory_budget_mb,
+        int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     model = model.to(device)
     hyper = hyper_for(cfg, cfg.train.epochs, device, meta["shape"], model)
     identity = checkpoint_identity(cfg, hyper, meta, size, spec)

@@ -318,7 +318,8 @@ def _run(cfg: Config, progress: bool, worker_index: int, parent_run_id: str | No
     # the model first: a net that does not build, or weights that do not fit, is one line
     recipe = model_recipe(cfg, load_meta(cfg.processed_dir))
     recipe.build()
-    meta, train_split, val_split = load_training_data(cfg.processed_dir, device)
+    meta, train_split, val_split = load_training_data(cfg.processed_dir, device,
+                                                      cfg.train.memory_budget_mb, n_local)
     name = study_name(cfg, meta)
     tracking.configure(cfg, parent_run=parent_run_id)
     # opened here, before any worker process races to create it

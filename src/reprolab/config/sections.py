@@ -132,6 +132,9 @@ class Data(_Section):
     skip_bad_images: StrictBool
     # PIL reads the size from the header: a larger image is refused before it is decoded
     max_image_pixels: Int = Field(ge=1)
+    # an image folder's own train/, val/ (and test/) folders: null detects them, true requires
+    # them, false reads the top level as classes
+    folder_splits: StrictBool | None
     val_fraction: Fraction
     test_fraction: Fraction
     augment: Augment
@@ -203,7 +206,8 @@ class Train(_Section):
     # NOT_IN_TRIALS: what a tuning trial takes from elsewhere (its point in the search space,
     # tune.epochs) or does not use. The rest are the trial knobs (`trial_knobs`): they make
     # trials comparable or not, and dvc.yaml's tune stage depends on exactly them.
-    NO_RESULT: ClassVar[tuple[str, ...]] = ("checkpoint_every_s", "processes")
+    NO_RESULT: ClassVar[tuple[str, ...]] = ("checkpoint_every_s", "processes",
+                                            "memory_budget_mb")
     NOT_IN_TRIALS: ClassVar[tuple[str, ...]] = ("optimizer", "lr", "epochs", "use_tuned",
                                                 "device", "compile")
 
@@ -228,6 +232,10 @@ class Train(_Section):
     # the resume checkpoint: after the epoch that ends this many seconds after the last one
     # (0: every epoch), at the end, and on SIGTERM / Ctrl-C
     checkpoint_every_s: Float = Field(default=30.0, ge=0)
+    # the train and val splits are held whole on the device when they fit this many MiB per
+    # process (null: half of the device's free memory, within the process's cgroup limit, shared
+    # by the machine's ranks or tuning workers), else read from their mapped files batch by batch
+    memory_budget_mb: Float | None = Field(default=None, ge=0)
     # fine-tuning: false, true (the whole training) or the first N epochs with the backbone
     # frozen; the backbone's lr is lr x backbone_lr_scale (the head's is lr)
     freeze_backbone: StrictBool | Annotated[Int, Field(ge=0)] = False
@@ -344,6 +352,9 @@ class Register(_Section):
     model_name: StrictStr | None = Field(min_length=1)  # null: derived from the dataset
     metric: StrictStr  # a built-in metric or one of evaluate.metrics (checked by Config)
     min_delta: Float = Field(ge=0)
+    min_value: Float | None  # the floor: a version below it never becomes champion
+    # promote only when the paired 95% interval of the difference clears min_delta
+    require_significance: StrictBool
 
     @model_validator(mode="after")
     def _name_fits_a_model_uri(self) -> Register:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,16 +50,32 @@ def augment(x: torch.Tensor, crop_padding: int, flip: bool, generator: torch.Gen
 
 def batches_of(split: Split, order: torch.Tensor, batch_size: int, crop_padding: int = 0,
                flip: bool = False, generator: torch.Generator | None = None,
-               rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
-    """Training batches straight from the device-resident split: one gather per batch in the
-    order given, augmented as a whole batch. No per-sample Python, no collation, no copies to
-    the device (benchmarks/bench_datapath.py measures it against a DataLoader).
+               rank: int = 0, world: int = 1, device: torch.device | None = None
+               ) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
+    """Training batches straight from the split: one gather per batch in the order given,
+    augmented as a whole batch on `device`. No per-sample Python, no collation
+    (benchmarks/bench_datapath.py measures it against a DataLoader). A split held on the device
+    is gathered there; a mapped one (data.load_training_data) is gathered on the CPU from the
+    page cache and copied to the device one batch ahead (`ahead`).
 
     Across `world` ranks, every rank walks the same order and takes its contiguous share of each
     global batch of `batch_size`; the augmentation draws for the whole global batch and slices,
     so the random streams of all ranks stay in step. Yields (images, labels, world / size of the
     global batch): the weight of a summed loss whose gradient DDP averages over the ranks.
     """
+    device = device or split.x.device
+    gathered = _gathered(split, order, batch_size, crop_padding, flip, generator, rank, world)
+    if split.x.device != device:
+        gathered = ahead(gathered, device)
+    for xb, yb, weight, draws in gathered:
+        if draws:
+            xb = apply_augment(xb, draws, crop_padding)
+        yield xb, yb, weight
+
+
+def _gathered(split: Split, order: torch.Tensor, batch_size: int, crop_padding: int,
+              flip: bool, generator: torch.Generator | None, rank: int, world: int
+              ) -> Iterator[tuple[torch.Tensor, torch.Tensor, float, dict[str, torch.Tensor]]]:
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         draws = augment_draws(len(idx), crop_padding, flip, generator) \
@@ -68,8 +85,20 @@ def batches_of(split: Split, order: torch.Tensor, batch_size: int, crop_padding:
             part = share(len(idx), rank, world)
             idx, draws = idx[part], {k: v[part] for k, v in draws.items()}
         # index_select: the same gather as split.x[idx], several times faster on the CPU
-        xb, yb = split.x.index_select(0, idx), split.y.index_select(0, idx)
-        if draws:
-            xb = apply_augment(xb, draws, crop_padding)
-        yield xb, yb, weight
+        yield split.x.index_select(0, idx), split.y.index_select(0, idx), weight, draws
 
+
+def ahead(batches: Iterator[tuple[Any, ...]], device: torch.device) -> Iterator[tuple[Any, ...]]:
+    """Batches gathered on the CPU, copied to `device` one step ahead: on a GPU from pinned
+    memory without waiting, so the copy of batch i + 1 overlaps the step on batch i."""
+    cuda = device.type == "cuda"
+    waiting = None
+    for xb, yb, *rest in batches:
+        if cuda:
+            xb, yb = xb.pin_memory(), yb.pin_memory()
+        moved = (xb.to(device, non_blocking=cuda), yb.to(device, non_blocking=cuda), *rest)
+        if waiting is not None:
+            yield waiting
+        waiting = moved
+    if waiting is not None:
+        yield waiting

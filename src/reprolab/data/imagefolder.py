@@ -18,19 +18,22 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import logging
 import os
 import re
 import shutil
 import stat
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 
 from reprolab.errors import ConfigError, DataError
+
+Chunk = tuple[np.ndarray, np.ndarray, list[bytes]]  # images, labels, their keys
 
 log = logging.getLogger(__name__)
 
@@ -236,40 +239,58 @@ def slug(folder: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "images"
 
 
-def read(
+SPLIT_FOLDERS = ("train", "val", "test")
+
+
+def own_splits(root: Path, knob: bool | None) -> list[str]:
+    """The folder's own splits: [] when its top level is the classes; ["train", "val"] or
+    ["train", "val", "test"] when it is split folders, each holding one subfolder per class
+    (the layout of ImageNet and PyTorch's transfer-learning tutorial). `knob`
+    (data.folder_splits): None detects, True requires, False never splits."""
+    top = {p.name for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith(".")}
+    found = [s for s in SPLIT_FOLDERS if s in top]
+    layout = found[:2] == ["train", "val"] and top == set(found)
+    if knob is True and not layout:
+        raise DataError(f"{root}: data.folder_splits is true, but its top level is "
+                        f"{sorted(top)}; allowed: train/ and val/ (and test/), each with one "
+                        "subfolder per class")
+    return found if layout and knob is not False else []
+
+
+def read_splits(
     root: Path, channels: int | None, image_size: int | None, skip_bad: bool,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> tuple[np.ndarray, np.ndarray, list[str], list[str], list[str]]:
-    """-> (uint8 images N x C x H x W, int64 labels, class names, skipped files, files that are
-    not images by their extension)."""
-    files, classes, ignored = list_files(root)
-    images, labels, skipped = decode_files(files, root, channels, image_size, skip_bad,
-                                           max_pixels)
-    return images, labels, classes, skipped, ignored
+    max_pixels: int = DEFAULT_MAX_PIXELS, folder_splits: bool | None = None,
+) -> tuple[dict[str, Callable[[], Iterator[Chunk]]], list[str], list[str], list[str]]:
+    """The folder's images, split by its own split folders or not at all -> ({split: chunks},
+    class names, skipped files (filled as the chunks are read), files left out for their
+    extension). Class names must agree across the split folders."""
+    splits = own_splits(root, folder_splits)
+    listed = {s: list_files(root / s) for s in splits} if splits else {"train": list_files(root)}
+    classes = listed["train"][1]
+    for split, (_, names, _) in listed.items():
+        if names != classes:
+            raise DataError(f"{root / split}: its classes {names} are not train/'s {classes}; "
+                            "allowed: the same class folders in every split folder")
+    ignored = [f"{s}/{n}" if splits else n for s, (_, _, gone) in listed.items() for n in gone]
+    skipped: list[str] = []
+    files = {s: [(path, label) for path, label in found] for s, (found, _, _) in listed.items()}
+    good, shape = scan([f for fs in files.values() for f in fs], root, channels, image_size,
+                       skip_bad, max_pixels, skipped)
+    keep = set(good)
+    chunks = {s: (lambda fs=[f for f in fs if f in keep]: decode_chunks(
+        fs, root, shape, skip_bad, max_pixels, skipped)) for s, fs in files.items()}
+    return chunks, classes, skipped, ignored
 
 
-def decode_files(
-    files: list[tuple[Path, int]], root: Path, channels: int | None, image_size: int | None,
-    skip_bad: bool, max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """[(image file, label)] -> (uint8 images N x C x H x W, int64 labels, skipped files
-    relative to `root`): every image converted to one channel count (`channels`, or 1 when all
-    are grayscale) and size (`image_size`, or their own when all agree). An unreadable file is
-    refused in one line, or skipped and listed with `skip_bad`. Sources of your own use it too
-    (sources/example.py)."""
+def scan(files: list[tuple[Path, int]], root: Path, channels: int | None,
+         image_size: int | None, skip_bad: bool, max_pixels: int, skipped: list[str]
+         ) -> tuple[list[tuple[Path, int]], tuple[int, int, int]]:
+    """Pass 1, headers only (cheap): -> (the files that are images, the C x H x W every image is
+    converted to: `channels`, or 1 when all are grayscale; `image_size`, or their own size when
+    all agree). An unreadable file is refused in one line, or skipped and listed with
+    `skip_bad`."""
     from PIL import Image, UnidentifiedImageError
 
-    skipped: list[str] = []
-
-    def bad(path: Path, why: str) -> None:
-        if not skip_bad:
-            raise DataError(
-                f"{path}: {why}; remove it, or set data.skip_bad_images: true to skip such files"
-            )
-        log.warning("skipping %s: %s", path, why)
-        skipped.append(str(path.relative_to(root)))
-
-    # Pass 1: headers only (cheap) -> which files are images, their modes and sizes.
     good, modes, sizes = [], set(), set()
     for path, label in files:
         try:
@@ -278,9 +299,10 @@ def decode_files(
                 sizes.add(image.size)
             good.append((path, label))
         except Image.DecompressionBombError as exc:
-            bad(path, f"not a readable image (DecompressionBombError: {exc})")
+            _bad(path, f"not a readable image (DecompressionBombError: {exc})", root,
+                 skip_bad, skipped)
         except (UnidentifiedImageError, OSError) as exc:
-            bad(path, f"not a readable image ({type(exc).__name__})")
+            _bad(path, f"not a readable image ({type(exc).__name__})", root, skip_bad, skipped)
     if not good:
         raise DataError(f"{root}: no readable images")
     if channels is None:
@@ -291,20 +313,57 @@ def decode_files(
             f"{root}: images differ in size ({examples}, ...); set data.image_size to resize them"
         )
     width, height = (image_size, image_size) if image_size else next(iter(sizes))
+    return good, (channels, height, width)
 
-    # Pass 2: decode into one preallocated array, image by image.
-    images = np.empty((len(good), channels, height, width), dtype=np.uint8)
-    labels = np.empty(len(good), dtype=np.int64)
-    kept = 0
-    for path, label in good:
-        try:
-            # the limit again: some formats hold frames or tiles larger than their header says
-            with pixel_limit(max_pixels), Image.open(path) as image:
-                images[kept] = to_pixels(image, channels, height, width)
-        except (UnidentifiedImageError, OSError, ValueError,
-                Image.DecompressionBombError) as exc:
-            bad(path, f"cannot be decoded ({type(exc).__name__}: {exc})")
-            continue
-        labels[kept] = label
-        kept += 1
-    return images[:kept], labels[:kept], skipped
+
+def _bad(path: Path, why: str, root: Path, skip_bad: bool, skipped: list[str]) -> None:
+    if not skip_bad:
+        raise DataError(
+            f"{path}: {why}; remove it, or set data.skip_bad_images: true to skip such files"
+        )
+    log.warning("skipping %s: %s", path, why)
+    skipped.append(str(path.relative_to(root)))
+
+
+def decode_chunks(files: list[tuple[Path, int]], root: Path, shape: tuple[int, int, int],
+                  skip_bad: bool, max_pixels: int, skipped: list[str], chunk: int = 256
+                  ) -> Iterator[Chunk]:
+    """Pass 2: decode `chunk` images at a time -> (uint8 images N x C x H x W, int64 labels,
+    the files' sha256: each image's key for the stable splits). Memory stays flat in the number
+    of images."""
+    import hashlib
+
+    from PIL import Image, UnidentifiedImageError
+
+    channels, height, width = shape
+    for start in range(0, len(files), chunk):
+        images = np.empty((min(chunk, len(files) - start), *shape), dtype=np.uint8)
+        labels, keys = [], []
+        for path, label in files[start:start + chunk]:
+            try:
+                data = path.read_bytes()
+                # the limit again: some formats hold frames or tiles larger than their header
+                with pixel_limit(max_pixels), Image.open(io.BytesIO(data)) as image:
+                    images[len(labels)] = to_pixels(image, channels, height, width)
+            except (UnidentifiedImageError, OSError, ValueError,
+                    Image.DecompressionBombError) as exc:
+                _bad(path, f"cannot be decoded ({type(exc).__name__}: {exc})", root, skip_bad,
+                     skipped)
+                continue
+            labels.append(label)
+            keys.append(hashlib.sha256(data).digest())
+        yield images[:len(labels)], np.array(labels, dtype=np.int64), keys
+
+
+def decode_files(
+    files: list[tuple[Path, int]], root: Path, channels: int | None, image_size: int | None,
+    skip_bad: bool, max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """[(image file, label)] -> (uint8 images N x C x H x W, int64 labels, skipped files
+    relative to `root`), all in memory: the simple form of scan and decode_chunks, for sources
+    of your own with few images (sources/example.py)."""
+    skipped: list[str] = []
+    good, shape = scan(files, root, channels, image_size, skip_bad, max_pixels, skipped)
+    chunks = list(decode_chunks(good, root, shape, skip_bad, max_pixels, skipped))
+    return (np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks]),
+            skipped)

@@ -1,4 +1,6 @@
-"""preprocess stage: verified raw files -> seeded stratified splits of uint8 tensors + meta.json."""
+"""preprocess stage: verified raw files -> train, val and test splits (uint8 arrays that can be
+memory-mapped, data/arrays.py) + meta.json, written in one streaming pass: memory stays flat in
+the data's size. Each image's split is stable (data/splits.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,10 @@ from typing import Any
 import numpy as np
 
 from reprolab.config import Config
-from reprolab.data import MANIFEST, META, SPLITS, data_entries
-from reprolab.data.sources import Options
+from reprolab.data import FORMAT, MANIFEST, META, SPLITS, data_entries
+from reprolab.data.arrays import ArrayWriter, sha256_stream
+from reprolab.data.sources import Images, Options
+from reprolab.data.splits import assign, fractions, key_of
 from reprolab.errors import DataError
 from reprolab.files import atomic_dir, read_json, sha256_file, write_json
 from reprolab.lifecycle import startup_over
@@ -58,62 +62,6 @@ def same_entries(raw_dir: Path, listed: set[str]) -> None:
             raise DataError(f"{raw_dir / min(names)}: {problem}{more}")
 
 
-def stratified_split(
-    labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int,
-    classes: list[str] | None = None,
-) -> dict[str, np.ndarray]:
-    """Seeded, stratified train/val/test indices, each sorted so that files are stable.
-
-    `test_fraction` 0 leaves the test split empty (the dataset brings its own).
-    """
-    from sklearn.model_selection import train_test_split
-
-    index = np.arange(len(labels))
-    counts = np.bincount(labels, minlength=len(classes) if classes else 0)
-    need = 3 if test_fraction else 2
-    if counts.min() < need:
-        worst = int(counts.argmin())
-        name = classes[worst] if classes else str(worst)
-        raise DataError(
-            f"class {name!r} has {int(counts.min())} images; each class needs at least {need} "
-            "for the train/val/test splits"
-        )
-    rest, test = index, index[:0]
-    try:
-        if test_fraction:
-            rest, test = train_test_split(
-                index, test_size=test_fraction, stratify=labels, random_state=seed
-            )
-        val_share = val_fraction / (1.0 - test_fraction)
-        train, val = train_test_split(
-            rest, test_size=val_share, stratify=labels[rest], random_state=seed
-        )
-    except ValueError as exc:  # too few images for one of each class in every split
-        raise DataError(
-            f"cannot split {len(labels)} images of {len(counts)} classes with "
-            f"data.val_fraction = {val_fraction:g} and data.test_fraction = {test_fraction:g}: "
-            f"{exc}; raise the fractions or add images"
-        ) from None
-    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
-
-
-def channel_stats(
-    images: np.ndarray, index: np.ndarray, chunk: int = 2048
-) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of images[index] (uint8 N x C x H x W) in pixel units, summed
-    in chunks so that memory stays flat however many images there are."""
-    total = np.zeros(images.shape[1])
-    squares = np.zeros(images.shape[1])
-    for start in range(0, len(index), chunk):
-        block = images[index[start : start + chunk]].astype(np.float64)
-        total += block.sum(axis=(0, 2, 3))
-        squares += np.square(block).sum(axis=(0, 2, 3))
-    count = len(index) * images.shape[2] * images.shape[3]
-    mean = total / count
-    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
-    return mean.tolist(), np.maximum(std, 1e-6).tolist()
-
-
 def fetch_skipped(manifest: dict[str, Any], raw_dir: Path, skip_bad: bool) -> list[str]:
     """Entries of the image folder that fetch left out (data.skip_bad_images) -> their paths.
     Refused when skip_bad_images is now false: no image may go missing unannounced."""
@@ -129,27 +77,76 @@ def fetch_skipped(manifest: dict[str, Any], raw_dir: Path, skip_bad: bool) -> li
     return sorted(skipped)
 
 
-def collect(chunks: Any) -> tuple[np.ndarray, np.ndarray]:
-    """A split's chunks as one array of images and one of labels."""
-    xs, ys = zip(*chunks, strict=True) if chunks else ((), ())
-    if not xs:
-        return np.empty((0, 1, 1, 1), np.uint8), np.empty(0, np.int64)
-    return np.concatenate(xs), np.concatenate(ys).astype(np.int64)
+class SplitWriters:
+    """The three splits' files, written a chunk at a time, with the train split's pixel sums
+    (its mean and std) and every split's class counts kept as they go."""
+
+    def __init__(self, folder: Path, classes: int):
+        self.folder, self.classes = folder, classes
+        self.files = {s: (ArrayWriter(folder / f"{s}.x.npy", np.uint8),
+                          ArrayWriter(folder / f"{s}.y.npy", np.int64)) for s in SPLITS}
+        self.counts = {s: np.zeros(classes, np.int64) for s in SPLITS}
+        self.shape: tuple[int, ...] | None = None
+        self.sums: np.ndarray | None = None
+        self.squares: np.ndarray | None = None
+
+    def write(self, split: str, x: np.ndarray, y: np.ndarray) -> None:
+        if self.shape is None:
+            self.shape = x.shape[1:]
+            self.sums, self.squares = np.zeros(x.shape[1]), np.zeros(x.shape[1])
+        if x.shape[1:] != self.shape:
+            raise DataError(f"images of {'x'.join(map(str, x.shape[1:]))} after "
+                            f"{'x'.join(map(str, self.shape))} ones; a source yields one shape")
+        if len(y) and (y.min() < 0 or y.max() >= self.classes):
+            raise DataError(f"labels {int(y.min())}..{int(y.max())} for {self.classes} classes")
+        xs, ys = self.files[split]
+        xs.append(x)
+        ys.append(y)
+        self.counts[split] += np.bincount(y, minlength=self.classes)
+        if split == "train":
+            pixels = x.astype(np.float64)
+            self.sums += pixels.sum(axis=(0, 2, 3))
+            self.squares += np.square(pixels).sum(axis=(0, 2, 3))
+
+    def close(self) -> dict[str, str]:
+        """-> each split's sha256 (its two files, read back in blocks)."""
+        hashes = {}
+        for split, (xs, ys) in self.files.items():
+            xs.close(self.shape or ())
+            ys.close()
+            hashes[split] = sha256_stream([xs.path, ys.path])
+        return hashes
+
+    def stats(self) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std of the train split, in pixel units."""
+        count = self.counts["train"].sum() * self.shape[1] * self.shape[2]
+        mean = self.sums / count
+        std = np.sqrt(np.maximum(self.squares / count - mean**2, 0.0))
+        return mean.tolist(), np.maximum(std, 1e-6).tolist()
 
 
-def read_raw(cfg: Config, raw_dir: Path):
-    """The source's splits -> (images, labels, official test images or None, their labels,
-    classes, skipped, files left out for not being images by their extension)."""
-    images = cfg.source.read(raw_dir, Options.of(cfg.data))
-    x, y = collect(list(images.splits["train"]()))
-    test = images.splits.get("test")
-    tx, ty = collect(list(test())) if test else (None, None)
-    return x, y, tx, ty, images.classes, images.skipped, images.not_images
+def write_splits(images: Images, folder: Path, seed: int, val: float, test: float
+                 ) -> SplitWriters:
+    """Stream the source's splits into the split files. What the source does not bring itself
+    (val, test) is carved out of its train split by the stable rule (data/splits.py)."""
+    carve = {s: f for s, f in (("test", test), ("val", val)) if s not in images.splits}
+    writers = SplitWriters(folder, len(images.classes))
+    for split, chunks in images.splits.items():
+        for chunk in chunks():
+            x, y = chunk[0], np.asarray(chunk[1], dtype=np.int64)
+            if split != "train" or not carve:
+                writers.write(split, x, y)
+                continue
+            keys = chunk[2] if len(chunk) > 2 else [key_of(image) for image in x]
+            names = assign(list(keys), seed, carve)
+            for name in SPLITS:
+                mask = names == name
+                if mask.any():
+                    writers.write(name, x[mask], y[mask])
+    return writers
 
 
 def run(cfg: Config) -> dict[str, Any]:
-    import torch
-
     raw_dir = cfg.raw_dir
     manifest_hash = verify_manifest(raw_dir)
     manifest = read_json(raw_dir / MANIFEST)
@@ -160,43 +157,34 @@ def run(cfg: Config) -> dict[str, Any]:
         )
     left_out = fetch_skipped(manifest, raw_dir, cfg.data.skip_bad_images)
     startup_over()  # reading the raw files can be long: the garbage collector back on
-    images, labels, test_x, test_y, classes, skipped, ignored = read_raw(cfg, raw_dir)
-    skipped = sorted({*left_out, *skipped})
-    official = test_x is not None
-    index = stratified_split(labels, cfg.data.val_fraction,
-                             0.0 if official else cfg.data.test_fraction, cfg.seed, classes)
-    mean, std = channel_stats(images, index["train"])
-    sizes = {name: len(index[name]) for name in SPLITS}
-    if official:
-        sizes["test"] = len(test_y)
-    meta = {
-        "dataset": dataset,
-        "classes": classes,
-        "num_classes": len(classes),
-        "shape": list(images.shape[1:]),
-        "mean": mean,
-        "std": std,
-        "sizes": sizes,
-        "official_test_split": official,
-        "manifest_sha256": manifest_hash,
-        "seed": cfg.seed,
-    }
+    images = cfg.source.read(raw_dir, Options.of(cfg.data))
     with atomic_dir(cfg.processed_dir) as tmp:
-        for name in SPLITS:  # one split in memory at a time
-            if name == "test" and official:
-                x, y = test_x, test_y
-            else:
-                x, y = images[index[name]], labels[index[name]]
-            torch.save({"x": torch.from_numpy(np.ascontiguousarray(x)),
-                        "y": torch.from_numpy(np.ascontiguousarray(y))}, tmp / f"{name}.pt")
-            del x, y
-            # checked on every load: a changed or truncated split is refused, never trained on
-            meta.setdefault("split_sha256", {})[name] = sha256_file(tmp / f"{name}.pt")
+        writers = write_splits(images, tmp, cfg.seed, cfg.data.val_fraction,
+                               cfg.data.test_fraction)
+        hashes = writers.close()  # checked on every load: a changed split is never trained on
+        shares = fractions(writers.counts, images.classes)  # refuses a class missing somewhere
+        mean, std = writers.stats()
+        sizes = {s: int(c.sum()) for s, c in writers.counts.items()}
+        meta = {
+            "dataset": dataset,
+            "classes": images.classes,
+            "num_classes": len(images.classes),
+            "shape": list(writers.shape),
+            "mean": mean,
+            "std": std,
+            "sizes": sizes,
+            "official_splits": sorted(images.splits),
+            "manifest_sha256": manifest_hash,
+            "seed": cfg.seed,
+            "format": FORMAT,
+            "split_sha256": hashes,
+        }
         write_json(tmp / META, meta)
+    skipped = sorted({*left_out, *images.skipped})
     write_json(cfg.report_dir("preprocess") / REPORT_FILE,
-               {"sizes": sizes, "skipped_files": skipped, "not_image_files": ignored,
-                "official_test_split": official})
-    log.info("preprocess: %s -> %s", meta["sizes"], cfg.processed_dir)
+               {"sizes": sizes, "fractions": shares, "skipped_files": skipped,
+                "not_image_files": images.not_images, "official_splits": sorted(images.splits)})
+    log.info("preprocess: %s -> %s", sizes, cfg.processed_dir)
     return meta
 
 

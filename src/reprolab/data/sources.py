@@ -28,7 +28,9 @@ import numpy as np
 
 from reprolab.errors import ConfigError
 
-Chunk = tuple[np.ndarray, np.ndarray]  # uint8 images N x C x H x W (0..255), int64 labels N
+# uint8 images N x C x H x W (0..255), int64 labels N, and optionally each image's key for the
+# stable splits (bytes: its file's sha256, say); without keys, the hash of its pixels
+Chunk = tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, list[bytes]]
 NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
@@ -40,11 +42,13 @@ class Options:
     image_size: int | None  # square size to resize to; None: the images' own (all alike)
     skip_bad_images: bool  # skip (and list) unreadable files instead of refusing them
     max_image_pixels: int  # larger images are refused from their header, never decoded
+    folder_splits: bool | None = None  # a folder's own train/val/test: None detects them
 
     @classmethod
     def of(cls, data: Any) -> Options:
         """The options of a config's data section."""
-        return cls(data.channels, data.image_size, data.skip_bad_images, data.max_image_pixels)
+        return cls(data.channels, data.image_size, data.skip_bad_images, data.max_image_pixels,
+                   data.folder_splits)
 
 
 @dataclass
@@ -105,12 +109,13 @@ class TorchvisionSet:
     def read(self, raw: Path, options: Options) -> Images:
         from reprolab.data import torchvision_sets
 
-        x, y, tx, ty, classes = torchvision_sets.read(self.name, raw)
-        return Images(classes, {"train": whole(x, y), "test": whole(tx, ty)})
+        splits, classes = torchvision_sets.read_chunks(self.name, raw)
+        return Images(classes, splits)
 
 
 class ImageFolder:
-    """A folder of your own images, one subfolder per class (data.image_folder)."""
+    """A folder of your own images (data.image_folder): one subfolder per class, or its own
+    split folders train/, val/ (and test/), each with one subfolder per class."""
 
     def __init__(self, folder: str | None):
         from reprolab.data.imagefolder import slug
@@ -129,10 +134,10 @@ class ImageFolder:
     def read(self, raw: Path, options: Options) -> Images:
         from reprolab.data import imagefolder
 
-        x, y, classes, skipped, ignored = imagefolder.read(
+        splits, classes, skipped, ignored = imagefolder.read_splits(
             raw, options.channels, options.image_size, options.skip_bad_images,
-            options.max_image_pixels)
-        return Images(classes, {"train": whole(x, y)}, skipped, ignored)
+            options.max_image_pixels, options.folder_splits)
+        return Images(classes, splits, skipped, ignored)
 
 
 # data.dataset -> the source, from the data section; one entry per built-in dataset

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import gzip
 import pickle
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -101,13 +103,6 @@ def read_idx(path: Path) -> np.ndarray:
     return body.reshape(shape).copy()  # writable, and the file bytes can go
 
 
-def _read_idx_split(folder: Path, images: str, labels: str) -> tuple[np.ndarray, np.ndarray]:
-    x, y = read_idx(folder / images), read_idx(folder / labels)
-    if len(x) != len(y):
-        raise DataError(f"{folder / images}: {len(x)} images but {len(y)} labels")
-    return x[:, None, :, :], y.astype(np.int64)
-
-
 def _read_cifar_batches(folder: Path, files: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
     xs, ys = [], []
     for name in files:
@@ -122,17 +117,43 @@ def _read_cifar_batches(folder: Path, files: tuple[str, ...]) -> tuple[np.ndarra
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def read(name: str, raw_dir: Path):
-    """-> (train images, train labels, test images, test labels, class names)."""
+def idx_chunks(images: Path, labels: Path, chunk: int = 4096
+               ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """An IDX split read `chunk` images at a time (gzipped or not): memory flat in its size."""
+    with _open(images) as xf, _open(labels) as yf:
+        shape, count = _idx_header(xf, images), _idx_header(yf, labels)
+        if shape[0] != count[0]:
+            raise DataError(f"{images}: {shape[0]} images but {labels} {count[0]} labels")
+        row = int(np.prod(shape[1:]))
+        for start in range(0, shape[0], chunk):
+            n = min(chunk, shape[0] - start)
+            x = np.frombuffer(xf.read(n * row), np.uint8)
+            y = np.frombuffer(yf.read(n), np.uint8)
+            if x.size != n * row or y.size != n:
+                raise DataError(f"{images}: shorter than its header says ({shape})")
+            yield x.reshape(n, 1, *shape[1:]).copy(), y.astype(np.int64)
+
+
+def _idx_header(fh: Any, path: Path) -> tuple[int, ...]:
+    head = fh.read(4)
+    if len(head) < 4 or head[:3] != b"\x00\x00\x08":
+        raise DataError(f"{path}: not an IDX file of unsigned bytes")
+    return tuple(int(v) for v in np.frombuffer(fh.read(4 * head[3]), ">i4"))
+
+
+def read_chunks(name: str, raw_dir: Path
+                ) -> tuple[dict[str, Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]],
+                           list[str]]:
+    """-> ({"train": chunks, "test": chunks}, class names): the official splits, read one file
+    (CIFAR) or a few thousand images (IDX) at a time."""
     spec = SPECS[name]
     folder = raw_dir / spec.folder
     if spec.meta is None:
-        x, y = _read_idx_split(folder, *spec.train)
-        tx, ty = _read_idx_split(folder, *spec.test)
-        return x, y, tx, ty, list(spec.classes)
+        return ({split: (lambda files=files: idx_chunks(folder / files[0], folder / files[1]))
+                 for split, files in (("train", spec.train), ("test", spec.test))},
+                list(spec.classes))
     with open(folder / spec.meta, "rb") as fh:
         meta = pickle.load(fh, encoding="latin1")
     classes = list(meta.get("label_names") or meta["fine_label_names"])
-    x, y = _read_cifar_batches(folder, spec.train)
-    tx, ty = _read_cifar_batches(folder, spec.test)
-    return x, y, tx, ty, classes
+    return ({split: (lambda files=files: (_read_cifar_batches(folder, (f,)) for f in files))
+             for split, files in (("train", spec.train), ("test", spec.test))}, classes)
