@@ -361,7 +361,7 @@ def test_the_default_name_is_the_datasets_and_versions_say_why(project):
     assert version.tags["model.input_shape"] == "1x8x8"
     assert version.description.startswith("Holds @champion: promoted when registered: ")
     # the logged model lists its version, as MLflow's own registration links them
-    logged = client.get_logged_model(version.model_id)
+    logged = client.get_logged_model(version.source.removeprefix("models:/"))
     assert json.loads(logged.tags["mlflow.modelVersions"]) == [
         {"name": "reprolab-digits", "version": decision["version"]}]
     # the registered model says what it holds and how its aliases move
