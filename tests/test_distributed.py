@@ -22,6 +22,7 @@ from mlflow import MlflowClient
 from conftest import REPO
 from reprolab import registry, tags, train
 from reprolab.config import load_config
+from reprolab.data import load_split
 from reprolab.models import with_probabilities
 from test_e2e import VENV, sh, shell_env, tool
 
@@ -140,7 +141,7 @@ def test_rank_0_alone_records_one_run_and_one_plain_model(two_ranks, one_process
 
     logged, _, _ = registry.load_classifier(run.data.tags[tags.MODEL_URI])
     model, _ = load_checkpoint(cfg.model_file)
-    x = torch.load(cfg.processed_dir / "val.pt", weights_only=True)["x"][:16].float()
+    x = load_split(cfg.processed_dir, "val").x[:16].float()
     with torch.no_grad():
         assert torch.allclose(logged(x), with_probabilities(model.eval())(x), atol=1e-6)
     # one process and two log the same kind of model: the same signature, the same flavor
