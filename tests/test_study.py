@@ -5,6 +5,7 @@ study or in MLflow, or one clear error."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 from mlflow import MlflowClient
@@ -26,15 +28,22 @@ RUN = mechanics.RUN  # the trial user attribute that holds its MLflow run
 SLOW_TRIALS = ["tune.epochs=2", "train.batch_size=16", "tune.pruner=none", "tune.sampler=random"]
 
 
+def _storage(cfg):
+    """The study's storage, for a test to open once and poll with: each RDBStorage opened holds a
+    PostgreSQL connection until the garbage collector frees it (a poll every 0.1 s that opened
+    its own ran the server out of connections, "too many clients already"), and each opening of
+    the journal takes its lock. Opened before a worker starts, it also creates the database's
+    tables first, which a worker creating them at the same time may be refused."""
+    return mechanics.open_storage(cfg.tune.storage, cfg.optuna_journal, cfg.tune.heartbeat_s)
+
+
 def _study(cfg, storage=None):
     import optuna
 
     from reprolab.data import load_meta
 
-    storage = storage or mechanics.open_storage(cfg.tune.storage, cfg.optuna_journal,
-                                                cfg.tune.heartbeat_s)
     return optuna.load_study(study_name=tune.study_name(cfg, load_meta(cfg.processed_dir)),
-                             storage=storage)
+                             storage=storage or _storage(cfg))
 
 
 def _check_exact_budget(cfg, n):
@@ -75,7 +84,7 @@ def _start_worker(cfg, overrides) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def _await_trial_of(cfg, proc: subprocess.Popen, patience_s: float = 120) -> int:
+def _await_trial_of(cfg, proc: subprocess.Popen, storage, patience_s: float = 120) -> int:
     """-> the number of the first trial that `proc` runs, once it is inside it."""
     from optuna.trial import TrialState
 
@@ -83,7 +92,8 @@ def _await_trial_of(cfg, proc: subprocess.Popen, patience_s: float = 120) -> int
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()[1][-2000:]
         try:
-            trials = _study(cfg).get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            trials = _study(cfg, storage).get_trials(deepcopy=False,
+                                                     states=(TrialState.RUNNING,))
         except KeyError:  # the worker has not created the study yet
             trials = []
         mine = [t for t in trials if t.user_attrs.get("worker", "").endswith(f":{proc.pid}")
@@ -119,7 +129,7 @@ def _workers_test(project, experiment, storage_overrides):
     more = [*overrides, "tune.n_trials=6", "tune.workers=1"]
     proc = _start_worker(cfg, more)
     try:
-        killed = _await_trial_of(cfg, proc)
+        killed = _await_trial_of(cfg, proc, _storage(cfg))
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     finally:
@@ -162,43 +172,95 @@ def test_two_workers_on_postgresql(project, postgres_url):
     assert retry.params == trials[killed].params
 
 
-def _await_training(cfg, number: int, timeout: float = 60) -> None:
+def _await_training(cfg, number: int, storage, timeout: float = 60) -> None:
     """Until trial `number`'s MLflow run holds its params: its worker has made the run's writes
-    and is training (its next write comes at the end of the first epoch). A worker stopped
-    inside a write to a SQLite MLflow store holds the store's lock until it goes on (README,
-    Tuning on several machines), which is not what this test is about."""
-    run_id = _study(cfg).get_trials(deepcopy=False)[number].user_attrs[RUN]
+    and is training (its next write comes at the end of an epoch)."""
+    run_id = _study(cfg, storage).get_trials(deepcopy=False)[number].user_attrs[RUN]
     deadline = time.monotonic() + timeout
     while not MlflowClient().get_run(run_id).data.params:
         assert time.monotonic() < deadline, "the trial's run never got its params"
         time.sleep(0.01)
 
 
-def _continue_once_failed(cfg, proc, number: int, timeout: float = 120) -> None:
+def _stopped(pid: int) -> bool:
+    """Whether every thread of `pid` has stopped (SIGSTOP takes them one by one)."""
+    tasks = os.listdir(f"/proc/{pid}/task")
+    return all(_state(f"/proc/{pid}/task/{tid}/stat") in "tT" for tid in tasks)
+
+
+def _state(stat: str) -> str:
+    with open(stat) as f:
+        return f.read().rpartition(")")[2].split()[0]
+
+
+def _in_no_transaction(mlflow_store: str, postgres_url: str) -> bool:
+    """Whether no other process holds a lock of the MLflow store (SQLite: an exclusive lock is
+    free at once) or is inside a transaction of the study's database."""
+    import sqlite3
+
+    import psycopg
+
+    store = sqlite3.connect(mlflow_store.removeprefix("sqlite:///"), timeout=0,
+                            isolation_level=None)
+    try:
+        store.execute("BEGIN EXCLUSIVE")
+        store.execute("ROLLBACK")
+    except sqlite3.OperationalError:  # database is locked
+        return False
+    finally:
+        store.close()
+    with psycopg.connect(postgres_url, autocommit=True) as db:
+        (busy,) = db.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                             "current_database() AND pid <> pg_backend_pid() AND "
+                             "backend_type = 'client backend' AND state <> 'idle'").fetchone()
+    return busy == 0
+
+
+def _stop_outside_the_stores(proc, mlflow_store: str, postgres_url: str) -> None:
+    """SIGSTOP `proc` where it holds no lock of either store: stopped inside a write (an epoch's
+    metrics, a heartbeat), it would hold up the stage's writes until it goes on, and the stage
+    would never fail its trial. A stop that lands inside one is undone and tried again."""
+    while True:
+        os.kill(proc.pid, signal.SIGSTOP)
+        while not _stopped(proc.pid):
+            time.sleep(0.001)
+        if _in_no_transaction(mlflow_store, postgres_url):
+            return
+        os.kill(proc.pid, signal.SIGCONT)
+        while not _in_no_transaction(mlflow_store, postgres_url):  # until it is out of it
+            time.sleep(0.01)
+
+
+def _continue_once_failed(cfg, proc, number: int, storage, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if _study(cfg).get_trials(deepcopy=False)[number].state.name == "FAIL":
-            break
-        time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGCONT)
+    try:
+        while time.monotonic() < deadline:
+            if _study(cfg, storage).get_trials(deepcopy=False)[number].state.name == "FAIL":
+                break
+            time.sleep(0.2)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
 
 
 @pytest.mark.slow
-def test_a_stopped_worker_goes_on_after_its_trial_was_retried(project, postgres_url):
+def test_a_stopped_worker_goes_on_after_its_trial_was_retried(project, postgres_url,
+                                                              mlflow_store):
     """SIGSTOP of a `--worker` training a trial, SIGCONT once its heartbeat went stale and the
     trial was failed (heartbeat 1 s, failed after 3 s): the stage's process retries and finishes
     the budget; the resumed worker finds its trial failed, leaves it so and ends cleanly."""
     overrides = [f"tune.storage={postgres_url}", "tune.heartbeat_s=1", "tune.n_trials=4",
                  "tracking.experiment=study-sigstop", *SLOW_TRIALS]
     cfg = project(*overrides)
+    storage = _storage(cfg)
     proc = _start_worker(cfg, overrides)
     try:
-        stopped = _await_trial_of(cfg, proc)
-        _await_training(cfg, stopped)
-        os.kill(proc.pid, signal.SIGSTOP)
+        stopped = _await_trial_of(cfg, proc, storage)
+        _await_training(cfg, stopped, storage)
+        _stop_outside_the_stores(proc, mlflow_store, postgres_url)
         # SIGCONT once the trial was failed under it (not after a fixed time: on a loaded
         # machine the stage's process may take longer than the pause to notice)
-        threading.Thread(target=_continue_once_failed, args=(cfg, proc, stopped)).start()
+        threading.Thread(target=_continue_once_failed,
+                         args=(cfg, proc, stopped, storage)).start()
         summary = tune.run(cfg)
         _, err = proc.communicate(timeout=120)
     finally:
@@ -219,10 +281,8 @@ def test_a_space_where_every_trial_diverges_ends_with_one_error(project, max_fai
     cfg = project(f"tracking.experiment={experiment}", "tune.lr_low=1e4", "tune.lr_high=1e6",
                   "tune.optimizers=[sgd]", "tune.n_trials=2", "tune.epochs=1",
                   f"tune.max_failed={max_failed}")
-    started = time.monotonic()
     with pytest.raises(ReprolabError) as error:
         tune.run(cfg)
-    assert time.monotonic() - started < 60
     message = str(error.value)
     assert "\n" not in message and error.value.exit_code == 1
     assert f"stopped after {failed} failed trials (tune.max_failed = {failed})" in message
@@ -282,48 +342,154 @@ def _process_left(pid: int) -> bool:
         return False
 
 
-@pytest.mark.slow
-def test_sigterm_of_tune_ends_its_runs_killed_and_stops_its_workers(project):
+def _await_gone(pids: set[int], patience_s: float = 30) -> None:
+    """Until none of `pids` runs: a process killed -9 is gone once the kernel has taken it down,
+    which is not at once on a loaded machine."""
+    deadline = time.monotonic() + patience_s
+    while left := [pid for pid in pids if _process_left(pid)]:
+        assert time.monotonic() < deadline, f"worker processes {left} outlived the stage"
+        time.sleep(0.05)
+
+
+def _tune_in_trials(cfg, overrides) -> tuple[subprocess.Popen, set[int]]:
+    """`reprolab tune` (2 workers) in a session of its own, once both of its processes are inside
+    a trial whose MLflow run has started -> (the process, the pids of both)."""
     from optuna.trial import TrialState
 
-    experiment = "study-sigterm"
-    overrides = [f"tracking.experiment={experiment}", "tune.workers=2", "tune.n_trials=30",
-                 *SLOW_TRIALS]
-    cfg = project(*overrides)
     args = [sys.executable, "-m", "reprolab", "tune", "-q",
             "--params", str(cfg.base_dir / "params.yaml")]
     for item in [*TINY, *overrides]:
         args += ["-S", item]
+    storage = _storage(cfg)
     proc = subprocess.Popen(args, cwd=cfg.base_dir, env=dict(os.environ), text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
+    deadline, workers = time.monotonic() + 120, set()
+    while len(workers) < 2:
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.1)
+        try:
+            running = _study(cfg, storage).get_trials(deepcopy=False,
+                                                      states=(TrialState.RUNNING,))
+        except KeyError:
+            continue
+        workers = {int(t.user_attrs["worker"].rpartition(":")[2]) for t in running
+                   if RUN in t.user_attrs}
+    return proc, workers
+
+
+def _waits_on_a_lock(pid: int) -> bool:
+    """Whether the main thread of `pid` sleeps. A tuning worker's main thread trains or writes;
+    it sleeps only in SQLite's busy handler, between its tries to take a held store's lock."""
+    with open(f"/proc/{pid}/wchan") as f:
+        return "nanosleep" in f.read()
+
+
+@contextlib.contextmanager
+def _store_locked(mlflow_store: str, pids: set[int]) -> Iterator[None]:
+    """The MLflow store (the session's SQLite file) locked for writing, as by a process stopped
+    inside a write, from before until after the block; the block begins once each of `pids`
+    waits in its next write (an epoch's metrics, a run's start)."""
+    import sqlite3
+
+    lock = sqlite3.connect(mlflow_store.removeprefix("sqlite:///"), isolation_level=None)
     try:
-        deadline, workers = time.monotonic() + 120, set()
-        while len(workers) < 2:  # both processes inside a trial
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.1)
-            try:
-                running = _study(cfg).get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            except KeyError:
-                continue
-            workers = {int(t.user_attrs["worker"].rpartition(":")[2]) for t in running
-                       if RUN in t.user_attrs}
-        os.kill(proc.pid, signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-        time.sleep(0.5)
-        left = [pid for pid in workers if _process_left(pid)]
+        lock.execute("BEGIN IMMEDIATE")
+        deadline = time.monotonic() + 60
+        while not all(_waits_on_a_lock(pid) for pid in pids):
+            assert time.monotonic() < deadline, "the workers never waited on the store"
+            time.sleep(0.01)
+        yield
+    finally:
+        lock.close()  # the store answers again
+
+
+def _await_delivered(pid: int, signum: int) -> None:
+    """Until the kernel has handed `signum` to the process (its handler has run; Python acts on
+    it once the main thread is back from the C call it is in)."""
+    while True:
+        with open(f"/proc/{pid}/status") as f:
+            pending = dict(line.split(":", 1) for line in f)["ShdPnd"]
+        if not int(pending, 16) >> (signum - 1) & 1:
+            return
+        time.sleep(0.001)
+
+
+SIGTERM_TUNE = ["tune.workers=2", "tune.n_trials=30", *SLOW_TRIALS]
+
+
+@pytest.mark.slow
+def test_sigterm_of_tune_ends_its_runs_killed_and_stops_its_workers(project, mlflow_store):
+    """SIGTERM while both processes wait on the MLflow store's lock: each write resumes once the
+    lock goes, and the interrupt lands inside it. The stop then ends the runs KILLED and the
+    trials FAIL at once: the interrupted write's lock (which the process keeps while its
+    interrupt unwinds) is freed first, instead of every write of the stop, in the stage and in
+    its worker, waiting MLflow's 20 s busy timeout behind it (a minute in all)."""
+    from optuna.trial import TrialState
+
+    experiment = "study-sigterm"
+    overrides = [f"tracking.experiment={experiment}", *SIGTERM_TUNE]
+    cfg = project(*overrides)
+    proc, workers = _tune_in_trials(cfg, overrides)
+    try:
+        with _store_locked(mlflow_store, workers):
+            started = time.monotonic()
+            os.kill(proc.pid, signal.SIGTERM)
+            _await_delivered(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=mechanics.STOP_S + 30)
+        stopped_in = time.monotonic() - started
+        _await_gone(workers)  # the spawned worker stopped with the stage
     finally:
         _kill_group(proc)
     assert proc.returncode == 130, err[-3000:]
-    assert not left  # the spawned worker stopped with the stage
+    assert stopped_in < mechanics.STOP_S, err[-3000:]
+    assert "database is locked" not in err and "Traceback" not in err
+    assert "after the signal" not in err  # the stop ended by itself, nothing was cut
     trials = _study(cfg).get_trials(deepcopy=False)
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     _assert_no_run_left_running(experiment)
     (parent,) = [r for r in _runs(experiment) if r.info.run_name.startswith("tune-")]
     assert parent.info.status == "KILLED"
-    interrupted = [t for t in trials if t.state == TrialState.FAIL]
-    assert interrupted  # the trials SIGTERM came in the middle of
-    assert {_status(t.user_attrs[RUN]) for t in interrupted} == {"KILLED"}
+    interrupted = [t for t in trials if t.state == TrialState.FAIL]  # the trials SIGTERM cut
+    (own,) = [t for t in interrupted if t.user_attrs["worker"].endswith(f":{proc.pid}")]
+    assert _status(own.user_attrs[RUN]) == "KILLED"
+    # the worker's trial too, unless SIGTERM came after it had asked for a new one and before
+    # that one's run started
+    assert {_status(t.user_attrs[RUN]) for t in interrupted if RUN in t.user_attrs} == {"KILLED"}
+
+
+@pytest.mark.slow
+def test_a_stop_of_tune_ends_in_time_when_the_store_does_not_answer(project, mlflow_store):
+    """SIGTERM while the MLflow store stays locked (a process stopped inside a write): the stage
+    and its worker exit within STOP_S, saying what they leave in one line; what they left
+    RUNNING is what the next `reprolab tune` fails first (fail_lost_trials)."""
+    from optuna.trial import TrialState
+
+    experiment = "study-sigterm-locked"
+    overrides = [f"tracking.experiment={experiment}", *SIGTERM_TUNE]
+    cfg = project(*overrides)
+    proc, workers = _tune_in_trials(cfg, overrides)
+    try:
+        with _store_locked(mlflow_store, workers):
+            started = time.monotonic()
+            os.kill(proc.pid, signal.SIGTERM)
+            _, err = proc.communicate(timeout=mechanics.STOP_S + 30)
+            stopped_in = time.monotonic() - started
+            _await_gone(workers)
+    finally:
+        _kill_group(proc)
+    assert proc.returncode == 130, err[-3000:]
+    assert stopped_in < mechanics.STOP_S + 5  # the bound, and the kills and exit after it
+    (line,) = [line for line in err.splitlines() if "after the signal" in line]
+    assert line.endswith(f"tune: stopped {mechanics.STOP_S:g} s after the signal, "
+                         f"{tune.LEFT_RUNNING}")
+
+    journal = mechanics.open_storage(None, cfg.optuna_journal, 1)
+    study = _study(cfg, journal)
+    assert len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))) == 2
+    mechanics.fail_lost_trials(study, journal)  # what the next `reprolab tune` does first
+    assert not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    _assert_no_run_left_running(experiment)  # the trials' runs and the stage's parent run
 
 
 # ---- the journal ----
@@ -385,8 +551,15 @@ def test_outputs_wait_for_trials_running_elsewhere(make_config):
     gone, live = study.ask(), study.ask()
     gone.set_user_attr("worker", f"{mechanics.socket.gethostname()}:{dead.pid}")
     live.set_user_attr("worker", mechanics.worker_id())
-    threading.Timer(1.0, study.tell, (live, 0.5)).start()
 
+    def finish_live() -> None:  # once the waiting has begun: the dead worker's trial failed
+        deadline = time.monotonic() + 60
+        while study.get_trials(deepcopy=False)[0].state.name != "FAIL":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        study.tell(live, 0.5)
+
+    threading.Thread(target=finish_live, daemon=True).start()
     mechanics.await_running_trials(study, storage, poll_s=0.1)
     states = [t.state.name for t in study.get_trials(deepcopy=False)]
     assert states == ["FAIL", "COMPLETE"]

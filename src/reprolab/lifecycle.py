@@ -1,15 +1,18 @@
-"""Process lifecycle: locks between processes, signals, pids, a parent that goes, and the
-garbage collector's start-up pause."""
+"""Process lifecycle: locks between processes, signals and stops that end in bounded time, pids,
+a parent that goes, and the garbage collector's start-up pause."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from reprolab.files import write_text
+
+log = logging.getLogger(__name__)
 
 
 class LockHeld(Exception):
@@ -134,13 +137,80 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def interrupt_on_sigterm() -> None:
-    """SIGTERM ends this process like Ctrl-C: a tuning trial fails, training writes its last
-    checkpoint, MLflow runs end KILLED and worker processes are stopped, instead of all of them
-    being cut off mid-write."""
+def _raise_interrupt_once(signum: int, frame: Any) -> None:
     import signal
 
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.SIG_IGN)
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def interrupt_on_sigterm(once: bool = False) -> None:
+    """SIGTERM ends this process like Ctrl-C: a tuning trial fails, training writes its last
+    checkpoint, MLflow runs end KILLED and worker processes are stopped, instead of all of them
+    being cut off mid-write. `once`: the first SIGINT or SIGTERM does, later ones are ignored, so
+    that they do not cut the clean-up it began (Ctrl-C reaches a tuning worker, and then its
+    stage's SIGTERM); bounded_stop bounds that clean-up."""
+    import signal
+
+    if once:
+        signal.signal(signal.SIGINT, _raise_interrupt_once)
+    signal.signal(signal.SIGTERM, _raise_interrupt_once if once else _raise_interrupt)
+
+
+def drop_interrupted_frames(exc: BaseException) -> None:
+    """Ctrl-C or SIGTERM (KeyboardInterrupt) that landed inside a write to a SQLite store (MLflow's
+    default) leaves the write's statement alive in the frames it came through, and with it the
+    store's lock, for as long as the exception lives: every write of the stop that follows (a
+    run's end KILLED, in this process or in a worker) would wait the store's busy timeout behind
+    it (MLflow's: 20 s each). Dropping those frames' locals frees it; the traceback still prints."""
+    import traceback
+
+    if isinstance(exc, KeyboardInterrupt):
+        traceback.clear_frames(exc.__traceback__)
+
+
+@contextlib.contextmanager
+def bounded_stop(seconds: float, what: str, left: str) -> Iterator[None]:
+    """A stop (Ctrl-C, SIGTERM) that comes inside the block ends this process within `seconds`:
+    whatever its clean-up still waits on then (a store that does not answer: a lock held by a
+    stopped process, a silent server), it says so in one line (`what` stopped, and `left`: what
+    that leaves), kills the processes it started with multiprocessing and exits with 130. Main
+    thread only.
+
+    The signal is seen through the wakeup fd, at once: Python runs its handler only when the main
+    thread comes back from the C call it is in, such as SQLite's busy wait on a held lock."""
+    import multiprocessing
+    import signal
+    import socket
+    import threading
+    import time
+
+    signals, wakeup = socket.socketpair()  # a socket: what Windows takes as a wakeup fd
+    wakeup.setblocking(False)
+    previous = signal.set_wakeup_fd(wakeup.fileno(), warn_on_full_buffer=False)
+    stopping = threading.Event()
+
+    def watch() -> None:
+        while (number := signals.recv(1)) and number[0] not in (signal.SIGINT, signal.SIGTERM):
+            pass
+        if not number:  # the block ended without a stop
+            signals.close()
+            return
+        stopping.set()
+        time.sleep(seconds)
+        log.warning("%s: stopped %g s after the signal, %s", what, seconds, left)
+        for child in multiprocessing.active_children():
+            child.kill()
+        os._exit(130)
+
+    threading.Thread(target=watch, name="bounded-stop", daemon=True).start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous)
+        if not stopping.is_set():
+            wakeup.close()  # ends the watch (a stop already under way keeps its deadline)
 
 
 def startup_over() -> None:

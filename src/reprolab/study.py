@@ -24,11 +24,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reprolab.lifecycle import pid_alive
+from reprolab.lifecycle import drop_interrupted_frames, pid_alive
 
 log = logging.getLogger(__name__)
 
 FINISHED = ("COMPLETE", "PRUNED")
+# A stop (Ctrl-C, SIGTERM) of `reprolab tune` ends within STOP_S seconds, its local workers with
+# it, whatever the stores do (lifecycle.bounded_stop): each worker gets half of it to end its
+# trial and runs and exit, the stage's process the rest to end its own and its parent run (a
+# clean stop takes a second or two). What one that runs out of time leaves, the next `reprolab
+# tune` ends: a trial whose process is gone fails, its runs end KILLED (fail_lost_trials).
+STOP_S = 10.0
+LEFT_RUNNING = ("with writes still waiting on a store that does not answer; the trials and MLflow "
+                "runs it had not ended stay RUNNING until the next `reprolab tune` fails them")
 # trial user attributes
 WORKER = "worker"  # host:pid of the process running the trial
 RUN = "mlflow_run_id"  # the trial's MLflow run (the key Optuna's MLflow integration uses)
@@ -267,7 +275,8 @@ def run_trial(study: Any, storage: Any, objective: Callable[[Any], float], n_tri
                 value, state, reason = None, TrialState.FAIL, str(exc)
     except UpdateFinishedTrialError:
         pass  # it was failed under us: see below
-    except BaseException:  # Ctrl-C, SIGTERM, a bug: the trial must not stay RUNNING
+    except BaseException as exc:  # Ctrl-C, SIGTERM, a bug: the trial must not stay RUNNING
+        drop_interrupted_frames(exc)  # a store write it cut holds that store's lock
         study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         raise
     if storage.get_trial(trial._trial_id).state.is_finished():
@@ -368,10 +377,12 @@ def _await_ready(processes: list[Any], ready: Any, patience_s: float = 300) -> N
                     patience_s)
 
 
-def _stop(processes: list[Any], patience_s: float = 30) -> None:
+def _stop(processes: list[Any], patience_s: float = STOP_S / 2) -> None:
+    """Workers still running are stopped: SIGTERM (each ends its trial FAIL and its runs KILLED,
+    within patience_s: `bounded_stop` in the worker), then kill -9 for any left after that."""
     for process in processes:
         if process.is_alive():
-            process.terminate()  # SIGTERM: its trial fails, its runs end KILLED
+            process.terminate()
     deadline = time.monotonic() + patience_s
     for process in processes:
         process.join(max(0.0, deadline - time.monotonic()))
@@ -384,7 +395,8 @@ def _stop(processes: list[Any], patience_s: float = 30) -> None:
 def local_workers(target: Callable[..., None], args: list[tuple[Any, ...]]) -> Iterator[list[Any]]:
     """Start one process (spawn) per args tuple, running target(*args, ready), where `ready` is a
     queue the worker puts into once it can start trials; yields once all are ready. On the way
-    out they are joined; on an exception (Ctrl-C, SIGTERM) they are stopped first."""
+    out they are joined (they end once the budget is taken); on an exception (Ctrl-C, SIGTERM),
+    also one that comes during that join, they are stopped."""
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
@@ -395,12 +407,10 @@ def local_workers(target: Callable[..., None], args: list[tuple[Any, ...]]) -> I
     try:
         _await_ready(processes, ready)
         yield processes
-    except BaseException:
-        _stop(processes)
-        raise
-    finally:
         for process in processes:
             process.join()
+    finally:
+        _stop(processes)
 
 
 def dead_workers(processes: list[Any]) -> list[Any]:

@@ -148,28 +148,33 @@ def start_run(
 
     Nothing is left RUNNING (short of kill -9, after which `reprolab train` resumes the run).
     """
+    from reprolab.lifecycle import drop_interrupted_frames, signals_held
+
     tags = dict(tags or {})
     if run_id is None and not nested and tag.PARENT_RUN not in tags and _project_run:
         tags[tag.PARENT_RUN] = _project_run  # a stage under `mlflow run`: see configure
-    run = mlflow.start_run(run_id=run_id, run_name=run_name, tags=tags, nested=nested)
-    status = "FINISHED"
+    run, status = None, "FINISHED"
     try:
+        # a signal while MLflow creates the run waits until it is created, then ends it KILLED
+        # below: cut inside, the run would stay RUNNING with nobody to end it
+        with signals_held():
+            run = mlflow.start_run(run_id=run_id, run_name=run_name, tags=tags, nested=nested)
         yield run.info.run_id
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         status = "KILLED"
+        drop_interrupted_frames(exc)  # an interrupted write's lock, which the end below needs
         raise
     except BaseException:
         status = "FAILED"
         raise
     finally:
-        from reprolab.lifecycle import signals_held
-
         try:
             # a signal now (torchrun stops the other ranks of a failed one with SIGTERM) would
             # cut the run's end short and leave it RUNNING: it waits, and is dropped when an
             # error or an interrupt is ending the run anyway
             with signals_held(reraise=status == "FINISHED"):
-                mlflow.end_run(status)
+                if run is not None:
+                    mlflow.end_run(status)
         except Exception as exc:  # noqa: BLE001 - the store failed: keep the error that ended us
             log.info("could not mark run %s %s: %s", run.info.run_id, status,
                      str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

@@ -10,6 +10,8 @@ restarts, and a finished study adds none.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import hashlib
 import json
 import logging
@@ -26,9 +28,11 @@ from reprolab import tags as tag
 from reprolab.config import Config
 from reprolab.errors import ReprolabError
 from reprolab.files import read_json, write_json, write_yaml
-from reprolab.lifecycle import exit_with_parent, interrupt_on_sigterm
+from reprolab.lifecycle import bounded_stop, exit_with_parent, interrupt_on_sigterm
 from reprolab.study import (
+    LEFT_RUNNING,
     RUN,
+    STOP_S,
     WORKER,
     WORKER_RUN,
     Budget,
@@ -277,12 +281,16 @@ def _spawned_worker(params: dict[str, Any], base_dir: str, index: int, parent: s
     """Entry point of a local worker process (multiprocessing, spawn)."""
     logging.basicConfig(level=level,
                         format=f"%(asctime)s worker {index} %(levelname)s %(name)s: %(message)s")
-    interrupt_on_sigterm()
+    # no last garbage collection at exit, as cli.py does for the stage: 1-2 s over objects that
+    # die with the process anyway, which a stop of the stage would wait for
+    atexit.register(gc.freeze)
+    interrupt_on_sigterm(once=True)
     exit_with_parent()
     cfg = Config.model_validate(params)
     cfg._base_dir = Path(base_dir)
     try:
-        run(cfg, worker_index=index, parent_run_id=parent, ready=ready)
+        with bounded_stop(STOP_S / 2, f"tune: worker {index}", LEFT_RUNNING):
+            run(cfg, worker_index=index, parent_run_id=parent, ready=ready)
     except KeyboardInterrupt:  # stopped by the stage's process: its trial and run are ended
         sys.exit(130)
 
@@ -410,7 +418,8 @@ def main(cfg: Config, args: Any) -> None:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     interrupt_on_sigterm()  # SIGTERM: runs end KILLED and worker processes stop, as on Ctrl-C
-    with logging_redirect_tqdm():  # a line per trial prints above the progress bar
+    # a line per trial prints above the progress bar
+    with logging_redirect_tqdm(), bounded_stop(STOP_S, "tune", LEFT_RUNNING):
         summary = run(cfg, progress=not args.quiet, join=args.worker)
     study = "" if args.worker else \
         f"study {read_json(cfg.report_dir('tune') / STUDY_FILE)['study']}  "
