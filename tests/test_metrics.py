@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from reprolab.evaluate import per_class_report, predictions_csv
 from reprolab.gate import Gate, decide
 from reprolab.metrics import classification_metrics, from_confusion, paired_bootstrap
-from reprolab.tags import DATA_TEST, paired, rescored
+from reprolab.rescore import tags_to_add
+from reprolab.tags import DATA_TEST, MODEL_FILES, paired, rescored
 
 
 def test_classification_metrics_match_hand_computed_values():
@@ -53,7 +55,8 @@ def test_predictions_csv_uses_class_names():
 
 def _version(number: str, value: float, test: str = "t1", **tags: str) -> dict:
     return {"version": number,
-            "tags": {DATA_TEST: test, "test/f1_macro": f"{value:.6f}", **tags}}
+            "tags": {DATA_TEST: test, "test/f1_macro": f"{value:.6f}",
+                     MODEL_FILES: '{"MLmodel": "ab12"}', **tags}}
 
 
 GATE = Gate("f1_macro")
@@ -95,6 +98,35 @@ def test_with_significance_required_the_paired_interval_must_clear_min_delta():
     assert decide(0.95, {**mine, paired("3", "t1", "low"): "0.010000"}, champion, gate)[0]
     got, why = decide(0.95, {**mine, paired("3", "t1", "low"): "-0.010000"}, champion, gate)
     assert got is False and "not significantly" in why
+
+
+def test_a_champion_registered_without_file_hashes_never_blocks_the_gate():
+    """A champion from before file hashes is never read (its bytes cannot be checked): on a new
+    test split it is recorded as not comparable, without a model being loaded, and the reason
+    names why; on its own split the difference decides, with no paired comparison to wait for."""
+    old = _version("3", 0.90, test="t0")
+    del old["tags"][MODEL_FILES]
+    new = _version("4", 0.95)
+
+    class Split:  # what a loaded model would be asked to score: never read here
+        y = torch.tensor([0, 1])
+        x = property(lambda self: pytest.fail("the champion's model was read"))
+
+    written = tags_to_add("m", [old, new], [("3", "4")], "t1", Split(), ["0", "1"], "1x8x8",
+                          GATE, {})
+    assert written == [("3", rescored("t1", "f1_macro"),
+                        "not comparable: registered without file hashes, so its bytes cannot "
+                        "be checked")]
+    old["tags"].update({k: v for _, k, v in written})
+    got, why = decide(0.95, new["tags"], old, GATE)
+    assert got is False and "registered without file hashes" in why
+
+    same = _version("3", 0.90)
+    del same["tags"][MODEL_FILES]
+    assert tags_to_add("m", [same, new], [("3", "4")], "t1", Split(), ["0", "1"], "1x8x8",
+                       Gate("f1_macro", significance=True), {}) == []
+    got, why = decide(0.95, new["tags"], same, Gate("f1_macro", significance=True))
+    assert got is True and "no paired comparison: v3 was registered without file hashes" in why
 
 
 def test_the_paired_comparison_against_hand_computed_values():

@@ -34,6 +34,7 @@ from reprolab.tags import (
     GATE_SIGNIFICANCE,
     INPUT_SHAPE,
     MODEL_DATASET,
+    MODEL_FILES,
     MODEL_SHAPE,
     PROMOTIONS,
     paired,
@@ -123,6 +124,9 @@ def decide(value: float, tags: dict[str, str], champion: dict[str, Any] | None, 
     reason = f"test/{metric} {value:.4f} beats champion v{c} {best:.4f} ({where})"
     if not gate.significance:
         return True, reason
+    if not held.get(MODEL_FILES):  # its bytes cannot be checked, so it is never read again
+        return True, (f"{reason}; no paired comparison: v{c} was registered without file "
+                      "hashes")
     low = tags.get(paired(c, test, "low"))
     if low is None:
         return None, (f"{reason}, but no paired comparison with v{c} is recorded yet: kept; the "

@@ -17,7 +17,7 @@ import numpy as np
 
 from reprolab.gate import Gate, test_identity
 from reprolab.metrics import BUILTIN, paired_bootstrap, score
-from reprolab.tags import INPUT_SHAPE, paired, rescored
+from reprolab.tags import INPUT_SHAPE, MODEL_FILES, paired, rescored
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,13 @@ def tags_to_add(name: str, versions: list[dict[str, Any]], pairs: list[tuple[str
         c, x = by_number[champion], by_number[challenger]
         if test_identity(x["tags"]) != test:
             continue  # another machine's test images: whoever holds them computes it
+        unchecked = None if c["tags"].get(MODEL_FILES) else (
+            "registered without file hashes, so its bytes cannot be checked")
         if test_identity(c["tags"]) != test and rescored(test, gate.metric) not in c["tags"]:
-            probs, champion_classes = probs_of(champion)
-            why = comparable(c, shape, classes, champion_classes)
+            why = unchecked
+            if not why:
+                probs, champion_classes = probs_of(champion)
+                why = comparable(c, shape, classes, champion_classes)
             if why:
                 out.append((champion, rescored(test, gate.metric), f"not comparable: {why}"))
                 continue
@@ -80,7 +84,7 @@ def tags_to_add(name: str, versions: list[dict[str, Any]], pairs: list[tuple[str
             for metric in sorted(scores, key=lambda m: m == gate.metric):
                 out.append((champion, rescored(test, metric), f"{scores[metric]:.6f}"))
             log.info("register: v%s re-scored on the test split %s", champion, test[:12])
-        if paired(champion, test, "low") not in x["tags"] and \
+        if paired(champion, test, "low") not in x["tags"] and not unchecked and \
                 (gate.metric in BUILTIN or gate.metric in extra):
             old, champion_classes = probs_of(champion)
             if comparable(c, shape, classes, champion_classes):
