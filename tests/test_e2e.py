@@ -179,6 +179,40 @@ def test_mlflow_holds_runs_study_and_registry(repro):
         assert tags["mlflow.source.git.repoURL"] == "https://git.example.com/team/reprolab.git"
 
 
+def test_the_runs_table_compares_trials_tune_and_train_under_one_key_per_knob(repro):
+    """What the MLflow UI's runs table reads: the searched knobs under the train run's keys in
+    every run (a trial's train.epochs is what it ran), the tune parent's values the best
+    trial's, and a note on each run saying what it did and how to run it again."""
+    dest, _, _ = repro
+    client = store(dest)
+    exp = client.get_experiment_by_name("reprolab")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`optuna.study` != ''")
+    trials = client.search_runs([exp.experiment_id],
+                                f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    train_run = client.get_run(client.get_model_version_by_alias(model_name(dest),
+                                                                 "champion").run_id)
+    tune_epochs = yaml.safe_load((dest / "params.yaml").read_text())["tune"]["epochs"]
+    knobs = ("train.lr", "train.optimizer")
+    for run in (parent, *trials, train_run):
+        params = run.data.params
+        assert set(knobs) <= params.keys() and not {"lr", "optimizer", "epochs"} & params.keys()
+        assert not any(k.startswith("best.") for k in params), run.info.run_name
+        assert run.data.tags["mlflow.note.content"].startswith("**"), run.info.run_name
+    best = json.loads((dest / "reports/tune/study.json").read_text())["best_trial"]
+    (winner,) = [t for t in trials if t.data.tags["optuna.trial"] == str(best)]
+    for key in (*knobs, "train.epochs"):
+        assert parent.data.params[key] == winner.data.params[key], key
+    assert {t.data.params["train.epochs"] for t in trials} == {str(tune_epochs)}
+    # train.use_tuned: the train run trained at the chosen point
+    assert train_run.data.params["train.optimizer"] == winner.data.params["train.optimizer"]
+    assert float(train_run.data.params["train.lr"]) == float(winner.data.params["train.lr"])
+    assert f"Result: trial {best} is best" in parent.data.tags["mlflow.note.content"]
+    note = train_run.data.tags["mlflow.note.content"]
+    assert "Result: val/accuracy" in note and "dvc repro train" in note
+    assert "model.kept_epoch" in note and "model.kept_epoch" in train_run.data.tags
+    assert "-S train.lr=" in winner.data.tags["mlflow.note.content"]
+
+
 def test_datasets_and_test_metrics_are_linked_to_the_logged_model(repro):
     dest, _, _ = repro
     client = store(dest)

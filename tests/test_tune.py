@@ -76,7 +76,7 @@ def test_a_diverging_trial_fails_and_the_study_goes_on(project):
     assert trials[1e4].state == TrialState.FAIL
     assert trials[1e-3].state == TrialState.COMPLETE
     assert yaml.safe_load(cfg.best_params_file.read_text())["lr"] == pytest.approx(1e-3)
-    children = {r.data.params["lr"]: r.info.status for r in _children("tune-nan")}
+    children = {r.data.params["train.lr"]: r.info.status for r in _children("tune-nan")}
     assert children == {"0.001": "FINISHED", "10000.0": "FAILED"}
 
 

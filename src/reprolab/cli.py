@@ -12,6 +12,7 @@ import gc
 import importlib
 import logging
 import os
+import re
 import shlex
 import signal
 import sys
@@ -162,11 +163,11 @@ def run_command(argv: list[str] | None) -> int:
         print(f"reprolab {args.stage}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 1
     except Exception as exc:
-        line = describe_store_error(exc, cfg, args.stage)
-        if line is None:
+        described = describe_store_error(exc, cfg, args.stage)
+        if described is None:
             raise  # a bug: the traceback is what a report needs
-        print(f"reprolab {args.stage}: error: {line}", file=sys.stderr)
-        return 1
+        print(f"reprolab {args.stage}: error: {described[0]}", file=sys.stderr)
+        return described[1]
     return code or 0
 
 
@@ -194,17 +195,28 @@ def describe_os_error(exc: OSError) -> str:
     return f"{where}: {advice} (outputs are written atomically: nothing was half-written)"
 
 
-def describe_store_error(exc: Exception, cfg: object, stage: str) -> str | None:
-    """One line for a tracking store or study database that failed under the stage (gone,
-    unreachable, read-only); None for anything else."""
+def describe_store_error(exc: Exception, cfg: object, stage: str) -> tuple[str, int] | None:
+    """(One line, the exit code) for a tracking store or study database that failed under the
+    stage (gone, unreachable, read-only: 1), or a server that refused the user's credentials or
+    permission (2); None for anything else."""
     module = type(exc).__module__.split(".")[0]
     if module not in ("mlflow", "sqlalchemy", "psycopg", "pymysql", "requests", "urllib3"):
         return None
     what = "the Optuna storage" if module in ("sqlalchemy", "psycopg", "pymysql") else \
         f"the MLflow store {getattr(cfg, 'mlflow_uri', '')}"
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:500]
+    refused = re.search(r"error code (401|403)\b", first)
+    if module == "mlflow" and refused:  # an authenticated server (basic-auth) said no
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME", "")
+        if refused.group(1) == "401":
+            return (f"{what} did not accept user {user!r}: check MLFLOW_TRACKING_USERNAME and "
+                    "MLFLOW_TRACKING_PASSWORD"), 2
+        endpoint = re.search(r"endpoint (\S+)", first)
+        return (f"{what} gives user {user!r} no permission for this "
+                f"({endpoint.group(1) if endpoint else 'a request'}): the owner of the "
+                "experiment or registered model, or an admin, can grant it"), 2
     again = "run again (train resumes its run)" if stage == "train" else "run again"
-    return f"{what}: check that it is reachable and writable, then {again}: {first}"
+    return f"{what}: check that it is reachable and writable, then {again}: {first}", 1
 
 
 if __name__ == "__main__":

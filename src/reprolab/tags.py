@@ -33,7 +33,9 @@ PRETRAINED_SHA = "model.pretrained_sha256"  # ... and their sha256
 MODEL_HASH = "model.sha256"  # sha256 of models/model.pt: DVC outputs and runs meet by it
 MODEL_URI = "reprolab.model_uri"  # the logged model's models:/m-... URI
 MODEL_FILES = "model.files_sha256"  # {file of the logged model: sha256}, JSON; also on versions
-BEST_EPOCH = "best_epoch"  # the epoch whose weights the model holds
+# the epoch whose weights the model holds (the best val/accuracy under early stopping, else the
+# last). Runs before this name hold it as "best_epoch", read by nothing: they keep it as written.
+KEPT_EPOCH = "model.kept_epoch"
 
 # ---- tuning runs
 STUDY = "optuna.study"
@@ -57,6 +59,7 @@ MODEL_SHAPE = "reprolab.input_shape"
 # ---- MLflow's own names that reprolab sets
 PARENT_RUN = "mlflow.parentRunId"
 RUN_NAME = "mlflow.runName"
+NOTE = "mlflow.note.content"  # the run's description, shown at the top of its page
 SOURCE_NAME = "mlflow.source.name"
 SOURCE_TYPE = "mlflow.source.type"
 SOURCE_GIT_COMMIT = "mlflow.source.git.commit"

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from reprolab import notes, tracking
 from reprolab import tags as tag
-from reprolab import tracking
 from reprolab.checkpoint import (
     Checkpointer,
     checkpoint_identity,
@@ -116,7 +116,7 @@ def train_locked(cfg: Config, device: torch.device, progress: bool) -> TrainResu
              hyper.precision, f", {size} ranks" if size > 1 else "", cfg.train.optimizer,
              cfg.train.lr, "tune" if cfg.train.use_tuned else "params")
     with recorded(cfg, meta, spec, model, (train_split, val_split), device, hyper,
-                  resume) as run_id:
+                  resume) as (run_id, run_tags):
         run_id = from_rank0(lambda: run_id)
         saver = None
         if rank == 0:  # the run holds the resumed epochs (log_missing_epochs)
@@ -129,7 +129,7 @@ def train_locked(cfg: Config, device: torch.device, progress: bool) -> TrainResu
         if rank == 0:
             example = val_split.x[:4].cpu().numpy().astype(np.float32)
             try:
-                model_uri = publish(cfg, spec, model, result, example, meta["classes"], run_id,
+                model_uri = publish(cfg, spec, model, result, example, meta, run_tags, run_id,
                                     reuse=resume is not None and resume["run_id"] == run_id,
                                     saver=saver)
             except BaseException:  # the run ends FAILED or KILLED with every epoch in it
@@ -149,11 +149,12 @@ def find_resume(cfg: Config, identity: str) -> dict[str, Any] | None:
 @contextlib.contextmanager
 def recorded(cfg: Config, meta: dict[str, Any], spec: dict[str, Any], model: torch.nn.Module,
              splits: tuple[Any, Any], device: torch.device, hyper: Hyper,
-             resume: dict[str, Any] | None) -> Iterator[str | None]:
+             resume: dict[str, Any] | None) -> Iterator[tuple[str | None, dict[str, str]]]:
     """Rank 0: the MLflow run of this training (the checkpoint's, when the store has it), with
-    its params, tags and datasets. The other ranks log nothing (-> None)."""
+    its params, tags, note and datasets; -> (its id, its tags). The other ranks log nothing
+    (-> None, {})."""
     if world()[0] != 0:
-        yield None
+        yield None, {}
         return
     resume_run = resume["run_id"] if resume and tracking.run_exists(resume["run_id"]) else None
     if resume and not resume_run:
@@ -164,6 +165,7 @@ def recorded(cfg: Config, meta: dict[str, Any], spec: dict[str, Any], model: tor
             tag.DEVICE: str(device), tag.PRECISION: hyper.precision, **ranks_tags}
     with tracking.start_run(run_name(cfg.model.name, cfg.train.optimizer, cfg.train.lr), tags,
                             run_id=resume_run) as run_id:
+        tracking.set_tags({tag.NOTE: notes.train(cfg, meta, tags)})
         if resume_run is None:
             tracking.log_params({**cfg.flat(), **ranks_tags,
                                  "train.hparams_source": "tune" if cfg.train.use_tuned else
@@ -177,25 +179,26 @@ def recorded(cfg: Config, meta: dict[str, Any], spec: dict[str, Any], model: tor
                 tracking.log_artifact(cfg.base_dir / "dvc.lock")
         if resume:  # also into a new run when the checkpoint's run is not in this store
             log_missing_epochs(run_id, resume.get("history", []))
-        yield run_id
+        yield run_id, tags
 
 
 def publish(cfg: Config, spec: dict[str, Any], model: torch.nn.Module, result: FitResult,
-            example: np.ndarray, classes: list[str], run_id: str, reuse: bool,
-            saver: Checkpointer) -> str:
+            example: np.ndarray, meta: dict[str, Any], run_tags: dict[str, str], run_id: str,
+            reuse: bool, saver: Checkpointer) -> str:
     """Rank 0, after training: the logged model (the plain module, probabilities out), the DVC
     outputs, and the tags and artifacts that tie them to the run, with the last epochs'
     metrics; -> the model's URI."""
     # A rerun after a kill between logging the model and finishing finds it logged already.
     model_uri = tracking.logged_model_uri(run_id) if reuse else None
     if model_uri is None:
-        model_uri = tracking.log_model(with_probabilities(model), example, classes)
+        model_uri = tracking.log_model(with_probabilities(model), example, meta["classes"])
     files = tracking.record_model_files(model_uri)  # what every reader of it checks
     model_hash = write_outputs(cfg, spec, model, result.history)
     # the DVC outputs name no run: evaluate and register find it by the model's content
-    saver.log(result.history, tags={tag.BEST_EPOCH: str(result.best_epoch),
+    saver.log(result.history, tags={tag.KEPT_EPOCH: str(result.best_epoch),
                                     tag.MODEL_HASH: model_hash, tag.MODEL_URI: model_uri,
-                                    tag.MODEL_FILES: files})
+                                    tag.MODEL_FILES: files,
+                                    tag.NOTE: notes.train(cfg, meta, run_tags, result)})
     for path in (cfg.history_file, cfg.models_dir / CONFIG_FILE):
         tracking.log_artifact(path)
     return model_uri

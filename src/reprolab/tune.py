@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reprolab import notes
 from reprolab import tags as tag
 from reprolab.config import Config
 from reprolab.errors import ReprolabError
@@ -193,9 +194,18 @@ def log_study_plots(study: Any) -> None:
         plt.close(figure)
 
 
+def trial_params(cfg: Config, point: dict[str, Any], searched_only: bool = False
+                 ) -> dict[str, Any]:
+    """A trial's MLflow params under the train run's keys: the config with the trial's point
+    and `train.epochs` as the trial ran it (tune.epochs); `searched_only`: just those."""
+    ran = {f"train.{d.key}": point.get(d.key) for d in search_space(cfg.tune)}
+    ran["train.epochs"] = cfg.tune.epochs
+    return ran if searched_only else {**cfg.flat(), **ran}
+
+
 def make_objective(cfg: Config, meta: dict[str, Any], recipe: Any, splits: tuple[Any, Any],
-                   device: Any, parent_run_id: str | None, run_tags: dict[str, str]
-                   ) -> Callable[[Any], float]:
+                   device: Any, parent_run_id: str | None, run_tags: dict[str, str],
+                   study: str) -> Callable[[Any], float]:
     """One trial: the model trained for tune.epochs at the trial's point, logged as one MLflow
     run (with `run_tags`: git and source); -> its last val/accuracy. Raises TrialPruned, or
     TrainingDiverged (the trial fails and the study goes on)."""
@@ -223,7 +233,9 @@ def make_objective(cfg: Config, meta: dict[str, Any], recipe: Any, splits: tuple
             tags[tag.PARENT_RUN] = parent_run_id
         with tracking.start_run(run_name, tags, nested=parent_run_id is None) as run_id:
             trial.set_user_attr(RUN, run_id)  # whoever fails this trial ends this run too
-            tracking.log_params({**params, "epochs": cfg.tune.epochs})
+            # the keys the train run uses, with what this trial ran: one column per knob
+            tracking.log_params(trial_params(cfg, params))
+            tracking.set_tags({tag.NOTE: notes.trial(cfg, meta, study, trial.number, params, tags)})
 
             def on_epoch(row: dict[str, float]) -> None:
                 trial.set_user_attr("epochs", row["epoch"])
@@ -338,8 +350,9 @@ def _run(cfg: Config, progress: bool, worker_index: int, parent_run_id: str | No
     run_tags = {**tracking.git_state(cfg.base_dir, (cfg.paths.reports,)),
                 **tracking.source_tags("tune")}
     objective = make_objective(cfg, meta, recipe, (train_split, val_split), device,
-                               parent_run_id, run_tags)
+                               parent_run_id, run_tags, name)
     budget = Budget(cfg.tune.n_trials, cfg.tune.failure_limit, cfg.tune.timeout_s)
+    knobs = [d.key for d in search_space(cfg.tune)]
 
     def work(claim: dict[str, str], owner: bool) -> str:
         return run_trials(study, storage, budget, objective, claim, (TrainingDiverged,),
@@ -356,7 +369,11 @@ def _run(cfg: Config, progress: bool, worker_index: int, parent_run_id: str | No
     with tracking.start_run(f"tune-{name}" + ("-worker" if join else ""),
                             {**run_tags, tag.STUDY: name, tag.WORKER: worker_id()}
                             ) as parent:
-        tracking.log_params({**cfg.flat(), "tune.study_name": name})
+        # the searched knobs only at the end, with the chosen values: params never change
+        tracking.log_params({k: v for k, v in cfg.flat().items() if k not in
+                             trial_params(cfg, {}, searched_only=True)}
+                            | {"tune.study_name": name})
+        tracking.set_tags({tag.NOTE: notes.tune(cfg, meta, run_tags, name, knobs)})
         level = logging.getLogger().getEffectiveLevel()
         args = [(cfg.as_dict(), str(cfg.base_dir), i, parent, level)
                 for i in range(worker_index + 1, worker_index + n_local)]
@@ -375,7 +392,8 @@ def _run(cfg: Config, progress: bool, worker_index: int, parent_run_id: str | No
             )
         best = study.best_trial
         tracking.log_metrics({f"best/{OBJECTIVE}": best.value})
-        tracking.log_params({f"best.{k}": v for k, v in best.params.items()})
+        tracking.log_params(trial_params(cfg, best.params, searched_only=True))
+        tracking.set_tags({tag.NOTE: notes.tune(cfg, meta, run_tags, name, knobs, best)})
         log_study_plots(study)
         # timings go to MLflow, never into summary.json (a DVC output: a pure function)
         tracking.log_metrics({"tune/wall_seconds": time.perf_counter() - started})
