@@ -52,14 +52,14 @@ def test_your_own_network_trains_and_its_spec_rebuilds_it(project):
 
 
 def test_editing_your_network_changes_the_study_and_the_checkpoint_identity(project):
-    from reprolab import tune
+    from reprolab import space
 
     cfg = with_examples(project(OWN), "nets")
     meta = read_json(cfg.processed_dir / "meta.json")
-    before = tune.study_name(cfg, meta)
+    before = space.study_name(cfg, meta)
     net = cfg.base_dir / "nets" / "example.py"
     net.write_text(net.read_text().replace("nn.ReLU()", "nn.GELU()"))
-    assert tune.study_name(cfg, meta) != before  # an edited net starts a new study
+    assert space.study_name(cfg, meta) != before  # an edited net starts a new study
 
 
 def test_a_timm_architecture_trains_and_evaluates(project):

@@ -23,14 +23,14 @@ def test_dvc_yaml_tune_depends_on_exactly_the_train_knobs_that_change_a_trial():
 
 
 def test_knobs_that_change_no_result_extend_the_study_others_start_a_new_one(project):
-    from reprolab import tune
+    from reprolab import space
 
     meta = read_json(project().processed_dir / "meta.json")
-    name = tune.study_name(project(), meta)
-    assert tune.study_name(project("train.processes=2"), meta) == name
-    assert tune.study_name(project("train.checkpoint_every_s=0"), meta) == name
-    assert tune.study_name(project("train.epochs=7", "train.lr=0.5"), meta) == name
-    assert tune.study_name(project("train.weight_decay=0.01"), meta) != name
+    name = space.study_name(project(), meta)
+    assert space.study_name(project("train.processes=2"), meta) == name
+    assert space.study_name(project("train.checkpoint_every_s=0"), meta) == name
+    assert space.study_name(project("train.epochs=7", "train.lr=0.5"), meta) == name
+    assert space.study_name(project("train.weight_decay=0.01"), meta) != name
 
 
 def _tag_values() -> set[str]:
@@ -57,17 +57,17 @@ def test_the_search_space_is_one_table(project):
     """suggest, the grid and the study's attributes name the same dimensions, in one order."""
     import optuna
 
-    from reprolab import tune
+    from reprolab import space
 
     cfg = project("tune.weight_decay=[1e-5, 1e-2]", "tune.momentum=[0.5, 0.9]",
                   "tune.batch_sizes=[32, 64]", "tune.sampler=grid", "tune.grid_points=2")
-    keys = [d.key for d in tune.search_space(cfg.tune)]
+    keys = [d.key for d in space.search_space(cfg.tune)]
     assert keys == ["lr", "optimizer", "weight_decay", "momentum", "batch_size"]
     trial = optuna.create_study().ask()
-    assert list(tune.suggest(trial, cfg)) == keys
-    assert list(tune.study_attributes(cfg, {"dataset": "d", "manifest_sha256": "m",
-                                            "split_sha256": {}})["search_space"]) == keys
-    assert list(tune.make_sampler(cfg, 0)._search_space) == sorted(keys)
+    assert list(space.suggest(trial, cfg)) == keys
+    assert list(space.study_attributes(cfg, {"dataset": "d", "manifest_sha256": "m",
+                                             "split_sha256": {}})["search_space"]) == keys
+    assert list(space.make_sampler(cfg, 0)._search_space) == sorted(keys)
 
 
 def test_the_module_map_names_every_module():
@@ -78,7 +78,8 @@ def test_the_module_map_names_every_module():
 
 
 def test_mlflow_is_imported_by_the_tracking_layer_only():
-    """tracking.py, registry.py and serving.py (the MLflow flavour of reprolab's models)."""
+    """tracking.py, lineage.py (MLflow's git helpers), registry.py and serving.py (the MLflow
+    flavour of reprolab's models)."""
     importers = set()
     for path in (REPO / "src" / "reprolab").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -86,4 +87,4 @@ def test_mlflow_is_imported_by_the_tracking_layer_only():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             if any(n == "mlflow" or n.startswith("mlflow.") for n in names):
                 importers.add(path.name)
-    assert importers == {"tracking.py", "registry.py", "serving.py"}
+    assert importers == {"tracking.py", "lineage.py", "registry.py", "serving.py"}

@@ -14,7 +14,7 @@ import yaml
 from mlflow import MlflowClient
 
 from conftest import TINY, training_run_id
-from reprolab import evaluate, register, train, tune
+from reprolab import evaluate, register, space, train, tune
 from reprolab.data import load_split
 from reprolab.files import read_json, sha256_file, write_json
 
@@ -52,11 +52,11 @@ def test_tune_runs_a_study_with_nested_mlflow_runs_and_resumes(project):
 def test_tune_study_name_changes_with_the_data_and_space(project):
     cfg = project()
     meta = {"manifest_sha256": "a"}
-    name = tune.study_name(cfg, meta)
+    name = space.study_name(cfg, meta)
     assert name.startswith("reprolab-")
-    assert name == tune.study_name(project(), meta)
-    assert name != tune.study_name(cfg, {"manifest_sha256": "b"})
-    assert name != tune.study_name(project("tune.lr_high=0.2"), meta)
+    assert name == space.study_name(project(), meta)
+    assert name != space.study_name(cfg, {"manifest_sha256": "b"})
+    assert name != space.study_name(project("tune.lr_high=0.2"), meta)
 
 
 def test_train_evaluate_register_on_one_run(project):

@@ -19,7 +19,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import TINY
-from reprolab import storage, tune
+from reprolab import space, storage, tune
 from reprolab import study as mechanics
 from reprolab.errors import ReprolabError
 
@@ -42,7 +42,7 @@ def _study(cfg, storage=None):
 
     from reprolab.data import load_meta
 
-    return optuna.load_study(study_name=tune.study_name(cfg, load_meta(cfg.processed_dir)),
+    return optuna.load_study(study_name=space.study_name(cfg, load_meta(cfg.processed_dir)),
                              storage=storage or _storage(cfg))
 
 
@@ -418,6 +418,32 @@ def _await_delivered(pid: int, signum: int) -> None:
 SIGTERM_TUNE = ["tune.workers=2", "tune.n_trials=30", *SLOW_TRIALS]
 
 
+def _sigterm_in_a_locked_store(project, mlflow_store, experiment: str, held: bool):
+    """`reprolab tune` with a spawned worker, in trials; SIGTERM to the stage while another
+    process holds the MLflow store's write lock, released once the signal is delivered (held
+    False) or kept until the stage and its worker are gone (held True). -> (config, process,
+    its stderr, seconds from the signal to its exit)."""
+    overrides = [f"tracking.experiment={experiment}", *SIGTERM_TUNE]
+    cfg = project(*overrides)
+    proc, workers = _tune_in_trials(cfg, overrides)
+    try:
+        with _store_locked(mlflow_store, workers):
+            started = time.monotonic()
+            os.kill(proc.pid, signal.SIGTERM)
+            _await_delivered(proc.pid, signal.SIGTERM)
+            if held:
+                _, err = proc.communicate(timeout=mechanics.STOP_S + 30)
+                stopped_in = time.monotonic() - started
+                _await_gone(workers)
+        if not held:
+            _, err = proc.communicate(timeout=mechanics.STOP_S + 30)
+            stopped_in = time.monotonic() - started
+            _await_gone(workers)  # the spawned worker stopped with the stage
+    finally:
+        _kill_group(proc)
+    return cfg, proc, err, stopped_in
+
+
 @pytest.mark.slow
 def test_sigterm_of_tune_ends_its_runs_killed_and_stops_its_workers(project, mlflow_store):
     """SIGTERM while both processes wait on the MLflow store's lock: each write resumes once the
@@ -428,19 +454,8 @@ def test_sigterm_of_tune_ends_its_runs_killed_and_stops_its_workers(project, mlf
     from optuna.trial import TrialState
 
     experiment = "study-sigterm"
-    overrides = [f"tracking.experiment={experiment}", *SIGTERM_TUNE]
-    cfg = project(*overrides)
-    proc, workers = _tune_in_trials(cfg, overrides)
-    try:
-        with _store_locked(mlflow_store, workers):
-            started = time.monotonic()
-            os.kill(proc.pid, signal.SIGTERM)
-            _await_delivered(proc.pid, signal.SIGTERM)
-        _, err = proc.communicate(timeout=mechanics.STOP_S + 30)
-        stopped_in = time.monotonic() - started
-        _await_gone(workers)  # the spawned worker stopped with the stage
-    finally:
-        _kill_group(proc)
+    cfg, proc, err, stopped_in = _sigterm_in_a_locked_store(project, mlflow_store, experiment,
+                                                            held=False)
     assert proc.returncode == 130, err[-3000:]
     assert stopped_in < mechanics.STOP_S, err[-3000:]
     assert "database is locked" not in err and "Traceback" not in err
@@ -466,18 +481,8 @@ def test_a_stop_of_tune_ends_in_time_when_the_store_does_not_answer(project, mlf
     from optuna.trial import TrialState
 
     experiment = "study-sigterm-locked"
-    overrides = [f"tracking.experiment={experiment}", *SIGTERM_TUNE]
-    cfg = project(*overrides)
-    proc, workers = _tune_in_trials(cfg, overrides)
-    try:
-        with _store_locked(mlflow_store, workers):
-            started = time.monotonic()
-            os.kill(proc.pid, signal.SIGTERM)
-            _, err = proc.communicate(timeout=mechanics.STOP_S + 30)
-            stopped_in = time.monotonic() - started
-            _await_gone(workers)
-    finally:
-        _kill_group(proc)
+    cfg, proc, err, stopped_in = _sigterm_in_a_locked_store(project, mlflow_store, experiment,
+                                                            held=True)
     assert proc.returncode == 130, err[-3000:]
     assert stopped_in < mechanics.STOP_S + 5  # the bound, and the kills and exit after it
     (line,) = [line for line in err.splitlines() if "after the signal" in line]

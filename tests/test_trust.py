@@ -5,6 +5,7 @@ unknown commit, an alias moved between two reads, a `register` killed at each st
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import subprocess
@@ -142,35 +143,33 @@ def test_verify_finds_each_doctored_tag(versions, capsys, key):
     assert f"differs: tag {key}: the version says 0000000000000000, its training run " in out
 
 
+@contextlib.contextmanager
+def _forged_on_version_and_run(key: str, value: str):
+    """v1 and its training run both claim `value` for tag `key` (they agree: only the claim's
+    own check can find it); put back afterwards."""
+    client = MlflowClient()
+    version = client.get_model_version(NAME, "1")
+    real = version.tags[key]
+    client.set_model_version_tag(NAME, "1", key, value)
+    client.set_tag(version.run_id, key, value)
+    try:
+        yield
+    finally:
+        client.set_model_version_tag(NAME, "1", key, real)
+        client.set_tag(version.run_id, key, real)
+
+
 def test_verify_finds_a_config_that_is_not_the_params_hash(versions, capsys):
     """The version and its run agree on a forged params_hash: the run's config.yaml does not
     hash to it."""
-    client = MlflowClient()
-    version = client.get_model_version(NAME, "1")
-    real = version.tags[tags.PARAMS_HASH]
-    for set_tag in (lambda v: client.set_model_version_tag(NAME, "1", tags.PARAMS_HASH, v),
-                    lambda v: client.set_tag(version.run_id, tags.PARAMS_HASH, v)):
-        set_tag("0" * 64)
-    try:
+    with _forged_on_version_and_run(tags.PARAMS_HASH, "0" * 64):
         code, out = _verify(capsys, versions)
-    finally:
-        client.set_model_version_tag(NAME, "1", tags.PARAMS_HASH, real)
-        client.set_tag(version.run_id, tags.PARAMS_HASH, real)
     assert code == 3 and "differs: params: its run's config.yaml hashes to " in out
 
 
 def test_verify_cannot_verify_an_unknown_commit_and_says_so(versions, capsys):
-    client = MlflowClient()
-    version = client.get_model_version(NAME, "1")
-    real = version.tags[tags.GIT_COMMIT]
-    for set_tag in (lambda v: client.set_model_version_tag(NAME, "1", tags.GIT_COMMIT, v),
-                    lambda v: client.set_tag(version.run_id, tags.GIT_COMMIT, v)):
-        set_tag("1" * 40)
-    try:
+    with _forged_on_version_and_run(tags.GIT_COMMIT, "1" * 40):
         code, out = _verify(capsys, versions)
-    finally:
-        client.set_model_version_tag(NAME, "1", tags.GIT_COMMIT, real)
-        client.set_tag(version.run_id, tags.GIT_COMMIT, real)
     assert code == 2
     assert "cannot verify: code: commit 111111111111 is not in this repository" in out
 

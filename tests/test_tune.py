@@ -10,7 +10,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from reprolab import tune
+from reprolab import space, tune
 from reprolab.errors import ConfigError
 
 
@@ -34,7 +34,7 @@ def _study(cfg):
     from reprolab.study import open_storage
 
     storage = open_storage(cfg.tune.storage, cfg.optuna_journal, cfg.tune.heartbeat_s)
-    return optuna.load_study(study_name=tune.study_name(cfg, load_meta(cfg.processed_dir)),
+    return optuna.load_study(study_name=space.study_name(cfg, load_meta(cfg.processed_dir)),
                              storage=storage)
 
 
@@ -91,7 +91,29 @@ def test_median_pruner_prunes_and_saves_epochs(project):
     assert states == {"COMPLETE", "PRUNED"}
 
 
-@pytest.mark.parametrize("pruner", ["successive_halving", "hyperband"])
+def test_the_default_pruner_keeps_only_the_top_trials_at_each_epoch(make_config):
+    """tune.pruner percentile (benchmarks/bench_pruning.py chose it): the first trial runs in
+    full; after each epoch, a trial goes on only while in the top tune.percentile percent."""
+    import optuna
+
+    cfg = make_config()
+    assert (cfg.tune.pruner, cfg.tune.percentile) == ("percentile", 10.0)
+    study = optuna.create_study(direction="maximize", pruner=space.make_pruner(cfg))
+    first = study.ask()
+    for epoch, value in ((1, 0.5), (2, 0.8)):
+        first.report(value, epoch)
+        assert not first.should_prune()
+    study.tell(first, 0.8)
+    behind, ahead, later = study.ask(), study.ask(), study.ask()
+    behind.report(0.4, 1)
+    ahead.report(0.6, 1)
+    later.report(0.6, 1)
+    assert behind.should_prune() and not ahead.should_prune()
+    later.report(0.7, 2)  # ahead at its first epoch, behind the best at its second
+    assert later.should_prune()
+
+
+@pytest.mark.parametrize("pruner", ["percentile", "successive_halving", "hyperband"])
 def test_other_pruners_prune(project, pruner):
     # Hyperband puts each trial in a bracket by a hash of the study name (which has the config's
     # fingerprint in it): enough trials that a bracket that stops early gets some, whatever it is
@@ -121,6 +143,7 @@ def test_timeout_stops_starting_trials_and_a_rerun_continues(project):
     ("tune.optimizers=[adam, adam]", "names repeat"),
     ("tune.sampler=cmaes", "tune.sampler = 'cmaes'"),
     ("tune.pruner=patient", "tune.pruner = 'patient'"),
+    ("tune.percentile=100", "tune.percentile = 100"),
     ("tune.max_failed=0", "tune.max_failed = 0"),
 ])
 def test_invalid_space_is_refused_before_any_storage(make_config, override, message):
@@ -170,7 +193,7 @@ def test_the_study_names_its_objective_and_says_where_its_trials_come_from(proje
     meta = load_meta(cfg.processed_dir)
     attrs = study.user_attrs
     assert attrs["dataset"] == "digits"
-    assert attrs["params_hash"] == tune.study_fingerprint(cfg, meta)
+    assert attrs["params_hash"] == space.study_fingerprint(cfg, meta)
     assert study.study_name.endswith(attrs["params_hash"][:10])
     assert attrs["model"]["name"] == cfg.model.name
     assert attrs["search_space"]["lr"] == {"low": cfg.tune.lr_low, "high": cfg.tune.lr_high,

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from reprolab import notes, tracking
+from reprolab import lineage, notes, tracking
 from reprolab import tags as tag
 from reprolab.checkpoint import (
     Checkpointer,
@@ -161,7 +161,7 @@ def recorded(cfg: Config, meta: dict[str, Any], spec: dict[str, Any], model: tor
         log.info("run %s is not in this MLflow store; starting a new run", resume["run_id"])
     size, backend = world()[1], dist.get_backend() if dist.is_initialized() else "none"
     ranks_tags = {tag.WORLD_SIZE: str(size), tag.BACKEND: backend}
-    tags = {**tracking.lineage_tags(cfg, meta, spec), **tracking.source_tags("train"),
+    tags = {**lineage.lineage_tags(cfg, meta, spec), **lineage.source_tags("train"),
             tag.DEVICE: str(device), tag.PRECISION: hyper.precision, **ranks_tags}
     with tracking.start_run(run_name(cfg.model.name, cfg.train.optimizer, cfg.train.lr), tags,
                             run_id=resume_run) as run_id:

@@ -1,11 +1,11 @@
 """tune stage: an Optuna study over lr and optimizer; one MLflow parent run, a child per trial.
 
-This module is the space (sampler, pruner, suggest), the objective (one trial, one MLflow run)
-and the outputs; how trials get run by many workers on one storage, and what happens when a
-worker dies or stalls, lives in `reprolab.study`. The study lives in its own storage (a journal
-file by default, any SQLAlchemy URL via `tune.storage`), never in the MLflow database and never
-inside a DVC output, so it survives reruns: `tune.n_trials` counts finished trials across
-restarts, and a finished study adds none.
+This module is the objective (one trial, one MLflow run), the parent run and the outputs; the
+search space, sampler and pruner are `reprolab.space`'s; how trials get run by many workers on
+one storage, and what happens when a worker dies or stalls, lives in `reprolab.study`. The
+study lives in its own storage (a journal file by default, any SQLAlchemy URL via
+`tune.storage`), never in the MLflow database and never inside a DVC output, so it survives
+reruns: `tune.n_trials` counts finished trials across restarts, and a finished study adds none.
 """
 
 from __future__ import annotations
@@ -13,23 +13,30 @@ from __future__ import annotations
 import atexit
 import gc
 import hashlib
-import json
 import logging
 import os
 import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reprolab import notes
+from reprolab import lineage, notes
 from reprolab import tags as tag
 from reprolab.config import Config
 from reprolab.errors import ReprolabError
 from reprolab.files import read_json, write_json, write_yaml
 from reprolab.lifecycle import bounded_stop, exit_with_parent, interrupt_on_sigterm
+from reprolab.space import (
+    make_pruner,
+    make_sampler,
+    search_space,
+    study_attributes,
+    study_name,
+    suggest,
+    trial_params,
+)
 from reprolab.study import (
     LEFT_RUNNING,
     RUN,
@@ -41,7 +48,6 @@ from reprolab.study import (
     count,
     dead_workers,
     describe_study,
-    grid_sampler,
     is_surplus,
     local_workers,
     open_storage,
@@ -56,115 +62,6 @@ log = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"  # numbers only: a DVC metrics file
 STUDY_FILE = "study.json"  # which study and trial they come from
 OBJECTIVE = "val/accuracy"
-
-
-def study_name(cfg: Config, meta: dict[str, Any]) -> str:
-    """The configured name plus a fingerprint of what makes trials comparable.
-
-    A changed dataset, split, model or search space starts a new study instead of mixing in.
-    """
-    return f"{cfg.tune.study}-{study_fingerprint(cfg, meta)[:10]}"
-
-
-def study_fingerprint(cfg: Config, meta: dict[str, Any]) -> str:
-    """sha256 of what makes two trials comparable: data, split, model (with your network's code
-    and the weights it starts from), search space and the train knobs that trials use."""
-    from reprolab.recipe import model_identity
-
-    identity = {
-        "data": meta["manifest_sha256"],
-        "split": cfg.data.model_dump(mode="json"),
-        "seed": cfg.seed,
-        "model": model_identity(cfg),
-        "search": cfg.tune.model_dump(
-            mode="json",
-            exclude={"study", "n_trials", "timeout_s", "storage", "workers", "heartbeat_s",
-                     "max_failed"},
-        ),
-        "train": cfg.train.model_dump(mode="json", include=set(cfg.train.trial_knobs())),
-    }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class Dimension:
-    """One dimension of the search space: the train knob it sets and how it is drawn."""
-
-    key: str
-    kind: str  # "log" (log-uniform float), "uniform" (float) or "choice"
-    values: tuple[Any, ...]  # (low, high) for the floats; the choices
-
-
-def search_space(t: Any) -> list[Dimension]:
-    """The search space of the tune section, in one table: suggest, the grid sampler and the
-    study's attributes all read it. lr and optimizer always; weight_decay, momentum and
-    batch_size when tune names their ranges."""
-    space = [Dimension("lr", "log", (t.lr_low, t.lr_high)),
-             Dimension("optimizer", "choice", tuple(t.optimizers))]
-    for key, kind, value in (("weight_decay", "log", t.weight_decay),
-                             ("momentum", "uniform", t.momentum),
-                             ("batch_size", "choice", t.batch_sizes)):
-        if value:
-            space.append(Dimension(key, kind, tuple(value)))
-    return space
-
-
-def study_attributes(cfg: Config, meta: dict[str, Any]) -> dict[str, Any]:
-    """What optuna-dashboard shows about a study (user attributes): where its trials come from."""
-    t = cfg.tune
-    space = {d.key: list(d.values) if d.kind == "choice" else
-             {"low": d.values[0], "high": d.values[1], "log": d.kind == "log"}
-             for d in search_space(t)}
-    return {
-        "dataset": meta["dataset"],
-        tag.DATA_MANIFEST: meta["manifest_sha256"],
-        "model": cfg.model.model_dump(mode="json"),
-        "search_space": space,
-        "epochs_per_trial": t.epochs,
-        "sampler": t.sampler,
-        "pruner": t.pruner,
-        tag.PARAMS_HASH: study_fingerprint(cfg, meta),
-    }
-
-
-def make_sampler(cfg: Config, seed: int) -> Any:
-    import numpy as np
-    import optuna
-
-    t = cfg.tune
-    if t.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if t.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
-    spread = {"log": np.geomspace, "uniform": np.linspace}
-    grid = {d.key: list(d.values) if d.kind == "choice" else
-            spread[d.kind](*d.values, t.grid_points).tolist() for d in search_space(t)}
-    return grid_sampler(grid, seed)
-
-
-def make_pruner(cfg: Config) -> Any:
-    import optuna
-
-    if cfg.tune.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
-    if cfg.tune.pruner == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=4)
-    if cfg.tune.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(
-            min_resource=1, max_resource=cfg.tune.epochs, reduction_factor=3
-        )
-    return optuna.pruners.NopPruner()
-
-
-def suggest(trial: Any, cfg: Config) -> dict[str, Any]:
-    """The trial's point in the search space."""
-    params = {}
-    for d in search_space(cfg.tune):
-        if d.kind == "choice":
-            params[d.key] = trial.suggest_categorical(d.key, list(d.values))
-        else:
-            params[d.key] = trial.suggest_float(d.key, *d.values, log=d.kind == "log")
-    return params
 
 
 def log_study_plots(study: Any) -> None:
@@ -192,15 +89,6 @@ def log_study_plots(study: Any) -> None:
         figure.tight_layout()
         tracking.log_figure(figure, f"plots/{name}.png")
         plt.close(figure)
-
-
-def trial_params(cfg: Config, point: dict[str, Any], searched_only: bool = False
-                 ) -> dict[str, Any]:
-    """A trial's MLflow params under the train run's keys: the config with the trial's point
-    and `train.epochs` as the trial ran it (tune.epochs); `searched_only`: just those."""
-    ran = {f"train.{d.key}": point.get(d.key) for d in search_space(cfg.tune)}
-    ran["train.epochs"] = cfg.tune.epochs
-    return ran if searched_only else {**cfg.flat(), **ran}
 
 
 def make_objective(cfg: Config, meta: dict[str, Any], recipe: Any, splits: tuple[Any, Any],
@@ -347,8 +235,8 @@ def _run(cfg: Config, progress: bool, worker_index: int, parent_run_id: str | No
     study = open_study(storage, name, make_pruner(cfg))
     describe_study(study, OBJECTIVE, study_attributes(cfg, meta))
     study.sampler = make_sampler(cfg, worker_seed(study, cfg.seed, worker_index))
-    run_tags = {**tracking.git_state(cfg.base_dir, (cfg.paths.reports,)),
-                **tracking.source_tags("tune")}
+    run_tags = {**lineage.git_state(cfg.base_dir, (cfg.paths.reports,)),
+                **lineage.source_tags("tune")}
     objective = make_objective(cfg, meta, recipe, (train_split, val_split), device,
                                parent_run_id, run_tags, name)
     budget = Budget(cfg.tune.n_trials, cfg.tune.failure_limit, cfg.tune.timeout_s)

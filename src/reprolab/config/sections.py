@@ -287,7 +287,10 @@ class Tune(_Section):
     workers: Int = Field(ge=1)
     heartbeat_s: Int = Field(ge=1)
     max_failed: Int | None = Field(ge=1)  # null: 2 x n_trials
-    pruner: Literal["median", "successive_halving", "hyperband", "none"]
+    pruner: Literal["percentile", "median", "successive_halving", "hyperband", "none"]
+    # percentile: after each epoch, a trial goes on only while its best val/accuracy is in the
+    # top `percentile` percent of the trials at that epoch (the first trial runs in full)
+    percentile: Float = Field(gt=0, lt=100)
 
     @property
     def failure_limit(self) -> int:
