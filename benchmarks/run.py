@@ -25,8 +25,8 @@ from harness import QUICK, REPO, REPORTS, load, machine, table  # noqa: E402
 from reprolab.files import atomic_path  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("tracking", "datapath", "throughput", "memory", "pruning", "storage", "noop", "startup",
-         "scaling", "gpu")
+ORDER = ("tracking", "datapath", "throughput", "time_to_accuracy", "memory", "pruning", "storage",
+         "noop", "startup", "scaling", "gpu")
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 

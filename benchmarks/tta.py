@@ -45,6 +45,31 @@ def mnist_arrays(mnist: Path) -> dict[str, tuple[Any, Any]]:
     return out
 
 
+def tiny_mnist(folder: Path, gz: bool = False) -> Path:
+    """The four MNIST files with 300 training and 100 test images: a bright square whose corner
+    is the label (learnable in one epoch)."""
+    import gzip
+
+    import numpy as np
+    from workloads import write_idx
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", 300), ("t10k", 100)):
+        labels = rng.integers(0, 4, n)
+        images = rng.integers(0, 40, (n, 28, 28))
+        for i, label in enumerate(labels):
+            r, c = divmod(int(label), 2)
+            images[i, r * 14:(r + 1) * 14, c * 14:(c + 1) * 14] += 200
+        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+            path = folder / f"{prefix}-{kind}-ubyte"
+            write_idx(path, array)
+            if gz:
+                path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes()))
+                path.unlink()
+    return folder
+
+
 def tutorial_net() -> Any:
     """The seed article's net: 3x3 convs of 32 and 64 channels (padding 1), each with ReLU and
     2x2 max-pool, fc 128, fc 10."""
@@ -145,20 +170,37 @@ def train_stats(arrays: dict[str, tuple[Any, Any]], val_size: int = 5000
     return [float(x.mean())], [float(x.std())]
 
 
+BEST = Path(__file__).resolve().parent / "mnist_best.txt"
+
+
+def best_overrides(path: Path = BEST) -> list[str]:
+    """The recipe's `-S` overrides: benchmarks/mnist_best.txt without its comments."""
+    import shlex
+
+    return [item for line in path.read_text().splitlines() if not line.startswith("#")
+            for item in shlex.split(line)]
+
+
 def best_recipe(arrays: dict[str, tuple[Any, Any]], device: Any, epochs: int | None = None,
                 val_size: int = 5000) -> tuple[dict[str, Any], Any]:
-    """reprolab's best recipe for MNIST as a model spec and the engine's settings (what
-    benchmarks/mnist_best.yaml sets through params.yaml; tests/test_benchmarks.py keeps the two
-    in agreement)."""
+    """reprolab's best recipe for MNIST (benchmarks/mnist_best.txt) as a model spec and the
+    engine's settings, read without reprolab's config (the GPU machine has no pydantic);
+    tests/test_benchmarks.py checks that `reprolab train` with the same overrides builds the
+    same."""
     from reprolab.device import select_precision
     from reprolab.engine import Hyper
     from reprolab.models import model_spec
 
+    o = dict(item.split("=", 1) for item in best_overrides())
+    width = int(o["model.kwargs"].strip("{}").split(":")[1])
     mean, std = train_stats(arrays, val_size)
-    spec = model_spec("fast_cnn", (1, 28, 28), 10, mean, std, {"width": 16})
-    hyper = Hyper(optimizer="adamw", lr=3e-3, epochs=epochs or 2, batch_size=256,
-                  schedule="onecycle", label_smoothing=0.0,
-                  precision=select_precision("auto", device, (1, 28, 28)), seed=0)
+    spec = model_spec(o["model.name"], (1, 28, 28), 10, mean, std, {"width": width})
+    hyper = Hyper(optimizer=o["train.optimizer"], lr=float(o["train.lr"]),
+                  epochs=epochs or int(o["train.epochs"]), batch_size=int(o["train.batch_size"]),
+                  weight_decay=float(o["train.weight_decay"]), schedule=o["train.schedule"],
+                  warmup_epochs=float(o["train.warmup_epochs"]),
+                  label_smoothing=float(o["train.label_smoothing"]),
+                  precision=select_precision(o["train.precision"], device, (1, 28, 28)), seed=0)
     return spec, hyper
 
 

@@ -73,7 +73,7 @@ def images(n: int, image: tuple[int, int, int], seed: int, chunk: int = 10_000,
     return out, labels.astype(np.int64)
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
+def write_idx(path: Path, array: np.ndarray) -> None:
     header = bytes([0, 0, 8, array.ndim]) + np.asarray(array.shape, ">i4").tobytes()
     path.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
 
@@ -85,8 +85,8 @@ def write_mnist(raw_dir: Path, shape: Shape, seed: int = 0) -> None:
     patterns = templates(shape.image, np.random.default_rng(seed))
     for prefix, n, part in (("train", shape.train, 1), ("t10k", shape.test, 2)):
         x, y = images(n, shape.image, seed * 10 + part, patterns=patterns)
-        _write_idx(folder / f"{prefix}-images-idx3-ubyte", x[:, 0])
-        _write_idx(folder / f"{prefix}-labels-idx1-ubyte", y.astype(np.uint8))
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", x[:, 0])
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", y.astype(np.uint8))
 
 
 def write_cifar(raw_dir: Path, shape: Shape, seed: int = 0) -> None:

@@ -189,3 +189,40 @@ def test_the_in_run_split_times_the_bare_loops_work_inside_real_tracked_runs(tmp
         (total,), (work,) = samples[key], samples[f"{key} work"]
         assert 0 < work < total  # the run, its model, its outputs took the rest
     assert (config().models_dir / "model.pt").is_file()
+
+
+def test_the_best_mnist_recipe_is_what_reprolab_train_builds_from_its_file(tmp_path):
+    """benchmarks/mnist_best.txt, read by `reprolab train --overrides`, gives the model and
+    the engine settings the time-to-accuracy benchmark measures (tta.best_recipe)."""
+    import torch
+    import tta
+
+    from reprolab.config import load_config
+    from reprolab.models import model_spec
+    from reprolab.recipe import hyper_for
+
+    tta.tiny_mnist(tmp_path / "MNIST" / "raw")
+    arrays = tta.mnist_arrays(tmp_path)
+    spec, hyper = tta.best_recipe(arrays, torch.device("cpu"), val_size=100)
+    cfg = load_config(BENCH.parent / "params.yaml", tta.best_overrides())
+    assert cfg.data.dataset == "mnist" and cfg.train.use_tuned is False
+    built = model_spec(cfg.model.name, (1, 28, 28), 10, spec["mean"], spec["std"],
+                       dict(cfg.model.kwargs))
+    assert built == spec
+    made = hyper_for(cfg, cfg.train.epochs, torch.device("cpu"), [1, 28, 28])
+    for field in ("optimizer", "lr", "epochs", "batch_size", "weight_decay", "schedule",
+                  "warmup_epochs", "label_smoothing", "precision", "momentum", "crop_padding",
+                  "flip", "patience", "compile"):
+        assert getattr(made, field) == getattr(hyper, field), field
+
+
+def test_time_to_accuracy_runs_every_setup_in_quick_mode():
+    """The benchmark's code paths on tiny IDX files (its figures mean nothing)."""
+    import os
+
+    env = {**os.environ, "BENCH_QUICK": "1"}
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_time_to_accuracy.py")], cwd=BENCH,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for setup in ("plain", "defaults", "best"):
+        assert f"| {setup}: time to 50.0% test accuracy" in proc.stdout

@@ -13,34 +13,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """An IDX file of unsigned bytes (MNIST's format): magic, big-endian sizes, the data."""
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(
-        int(n).to_bytes(4, "big") for n in array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
-
-
-def tiny_mnist(folder: Path, gz: bool = False) -> Path:
-    """The four MNIST files with 300 training and 100 test images: a bright square whose corner
-    is the label (learnable in one epoch)."""
-    import gzip
-
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    for prefix, n in (("train", 300), ("t10k", 100)):
-        labels = rng.integers(0, 4, n)
-        images = rng.integers(0, 40, (n, 28, 28))
-        for i, label in enumerate(labels):
-            r, c = divmod(int(label), 2)
-            images[i, r * 14:(r + 1) * 14, c * 14:(c + 1) * 14] += 200
-        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
-            path = folder / f"{prefix}-{kind}-ubyte"
-            write_idx(path, array)
-            if gz:
-                path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes()))
-                path.unlink()
-    return folder
+from tta import tiny_mnist  # noqa: E402
 
 
 def test_without_cuda_every_part_says_it_skipped_and_the_script_exits_0(tmp_path):
