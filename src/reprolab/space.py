@@ -128,10 +128,13 @@ def suggest(trial: Any, cfg: Config) -> dict[str, Any]:
     return params
 
 
-def trial_params(cfg: Config, point: dict[str, Any], searched_only: bool = False
-                 ) -> dict[str, Any]:
-    """A trial's MLflow params under the train run's keys: the config with the trial's point
-    and `train.epochs` as the trial ran it (tune.epochs); `searched_only`: just those."""
-    ran = {f"train.{d.key}": point.get(d.key) for d in search_space(cfg.tune)}
-    ran["train.epochs"] = cfg.tune.epochs
-    return ran if searched_only else {**cfg.flat(), **ran}
+def searched_params(cfg: Config, point: dict[str, Any]) -> dict[str, Any]:
+    """The searched knobs of a trial's point, and `train.epochs` as a trial runs it
+    (tune.epochs), under the train run's MLflow param keys."""
+    return {**{f"train.{d.key}": point.get(d.key) for d in search_space(cfg.tune)},
+            "train.epochs": cfg.tune.epochs}
+
+
+def trial_params(cfg: Config, point: dict[str, Any]) -> dict[str, Any]:
+    """A trial's MLflow params: the config, with what the trial ran (searched_params)."""
+    return {**cfg.flat(), **searched_params(cfg, point)}

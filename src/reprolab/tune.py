@@ -32,6 +32,7 @@ from reprolab.space import (
     make_pruner,
     make_sampler,
     search_space,
+    searched_params,
     study_attributes,
     study_name,
     suggest,
@@ -258,8 +259,8 @@ def _run(cfg: Config, progress: bool, worker_index: int, parent_run_id: str | No
                             {**run_tags, tag.STUDY: name, tag.WORKER: worker_id()}
                             ) as parent:
         # the searched knobs only at the end, with the chosen values: params never change
-        tracking.log_params({k: v for k, v in cfg.flat().items() if k not in
-                             trial_params(cfg, {}, searched_only=True)}
+        searched = searched_params(cfg, {})
+        tracking.log_params({k: v for k, v in cfg.flat().items() if k not in searched}
                             | {"tune.study_name": name})
         tracking.set_tags({tag.NOTE: notes.tune(cfg, meta, run_tags, name, knobs)})
         level = logging.getLogger().getEffectiveLevel()
@@ -280,7 +281,7 @@ def _run(cfg: Config, progress: bool, worker_index: int, parent_run_id: str | No
             )
         best = study.best_trial
         tracking.log_metrics({f"best/{OBJECTIVE}": best.value})
-        tracking.log_params(trial_params(cfg, best.params, searched_only=True))
+        tracking.log_params(searched_params(cfg, best.params))
         tracking.set_tags({tag.NOTE: notes.tune(cfg, meta, run_tags, name, knobs, best)})
         log_study_plots(study)
         # timings go to MLflow, never into summary.json (a DVC output: a pure function)
