@@ -20,7 +20,7 @@ PROBE = """
 import hashlib, json, os, sys
 import torch
 sys.path.insert(0, {bench!r})
-from memory import Peak, rss_anon
+from memory import Peak, pss_anon
 from reprolab.data import load_meta, load_training_data
 from reprolab.device import seed_everything
 from reprolab.engine import Hyper, fit
@@ -44,7 +44,7 @@ _, train, val = load_training_data(processed, "cpu", 0)
 few, more = (type(train)(train.x[:n], train.y[:n]) for n in (256, 1024))
 fit(model(), few, more, hp)  # validation's batches are of 512
 net = model()
-before = rss_anon(os.getpid())
+before = pss_anon(os.getpid())
 with Peak(os.getpid()) as peak:
     _, train, val = load_training_data(processed, "cpu", budget_mb)
     fit(net, train, val, hp)
