@@ -269,35 +269,15 @@ def test_metrics_and_plots_as_dvc_shows_them(repro):
         sh("git", "check-ignore", "-q", str(rel), cwd=dest)
 
 
-def test_temp_experiment_writes_into_the_same_store(repro):
-    dest, _, _ = repro
-    # one epoch at a tenth of the default lr: clearly worse than the champion
-    sh(tool("dvc"), "exp", "run", "--temp", "-S", "train.epochs=1", "-S", "train.use_tuned=false",
-       "-S", "train.lr=0.0001", cwd=dest)
-    client = store(dest)
-    exp = client.get_experiment_by_name("reprolab")
-    runs = client.search_runs([exp.experiment_id], "params.`train.lr` = '0.0001'")
-    assert len(runs) == 1  # the training run only: tune was restored from the cache, not rerun
-    assert runs[0].data.params["train.hparams_source"] == "params"
-    assert runs[0].data.tags.get("dvc.exp_name")
-    # -S edited params.yaml, which the resolved config records: the tree is not dirty
-    assert runs[0].data.tags["git.dirty"] == "false"
-    assert "test/f1_macro" in runs[0].data.metrics  # evaluate ran there too
-    assert not list((dest / ".dvc" / "tmp").rglob("mlflow.db"))
-    # registered as challenger, champion unchanged
-    name = model_name(dest)
-    by_run = {v.run_id: v for v in client.search_model_versions(f"name = '{name}'")}
-    version = by_run[runs[0].info.run_id].version
-    assert client.get_model_version(name, version).aliases == ["challenger"]
-    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
-
-
 def test_queued_experiment_as_the_readme_writes_it(repro, tmp_path):
     """`dvc exp run --queue`, then `dvc queue start` with .venv/bin put on PATH for that one
-    command: DVC starts its queue worker as `dvc` from PATH."""
+    command: DVC starts its queue worker as `dvc` from PATH. A queued experiment runs in a copy
+    under .dvc/tmp/, as `--temp` does (DVC's temp-dir executor for both), and writes into the
+    project's MLflow store."""
     dest, _, _ = repro
+    # one epoch at a tenth of the default lr: clearly worse than the champion
     sh(tool("dvc"), "exp", "run", "--queue", "-S", "train.epochs=1", "-S", "train.use_tuned=false",
-       "-S", "train.lr=0.0003", cwd=dest)
+       "-S", "train.lr=0.0001", cwd=dest)
     with open(tmp_path / "queue-start.log", "w") as log:  # the worker outlives the command
         subprocess.run(["bash", "-c", 'PATH="$PWD/.venv/bin:$PATH" dvc queue start'], cwd=dest,
                        env=shell_env(), stdout=log, stderr=subprocess.STDOUT, check=True)
@@ -312,11 +292,23 @@ def test_queued_experiment_as_the_readme_writes_it(repro, tmp_path):
 
     client = store(dest)
     exp = client.get_experiment_by_name("reprolab")
-    (run,) = client.search_runs([exp.experiment_id], "params.`train.lr` = '0.0003'")
+    runs = client.search_runs([exp.experiment_id], "params.`train.lr` = '0.0001'")
+    assert len(runs) == 1  # the training run only: tune was restored from the cache, not rerun
+    (run,) = runs
     assert run.info.status == "FINISHED" and run.data.tags["dvc.exp_name"]
-    assert "test/accuracy" in run.data.metrics
+    assert run.data.params["train.hparams_source"] == "params"
+    # -S edited params.yaml, which the resolved config records: the tree is not dirty
+    assert run.data.tags["git.dirty"] == "false"
+    assert "test/f1_macro" in run.data.metrics  # evaluate ran there too
+    assert not list((dest / ".dvc" / "tmp").rglob("mlflow.db"))
     shown = sh(tool("dvc"), "exp", "show", "--json", cwd=dest).stdout
     assert run.data.tags["dvc.exp_name"] in shown
+    # registered as challenger, champion unchanged
+    name = model_name(dest)
+    by_run = {v.run_id: v for v in client.search_model_versions(f"name = '{name}'")}
+    version = by_run[run.info.run_id].version
+    assert client.get_model_version(name, version).aliases == ["challenger"]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
 
 
 def test_predict_names_the_right_digits(repro, tmp_path):
@@ -440,9 +432,10 @@ def test_your_own_network_through_dvc_exp_run(repro, tmp_path):
     import it stale; the registered model predicts with no nets/ anywhere near."""
     dest, _, _ = repro
     (dest / "nets" / "tiny.py").write_text(TINY_NET)
+    # one trial: tune reruns (the network is a dependency), its search is not what is tested
     sh(tool("dvc"), "exp", "run", "-S", "model.name=nets.tiny:TinyNet", "-S",
        "model.kwargs={hidden: 24}", "-S", "train.use_tuned=false", "-S",
-       "register.model_name=tiny-net", cwd=dest)
+       "register.model_name=tiny-net", "-S", "tune.n_trials=1", cwd=dest)
     spec = __import__("torch").load(dest / "models/model.pt", weights_only=True)["spec"]
     assert (spec["name"], spec["kwargs"]) == ("nets.tiny:TinyNet", {"hidden": 24})
     fresh = json.loads(sh(tool("dvc"), "status", "--json", cwd=dest).stdout or "{}")
