@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -323,6 +324,57 @@ def test_the_lock_names_a_live_holder_and_dies_with_it(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+# ---- a stop that lands inside a finalizer ----
+
+# A finalizer that the garbage collector could be running when the signal comes (GitPython's
+# Repo.__del__ under MLflow's git context, in the flake of test_study's SIGTERM test): here one
+# that only a signal ends, so that the signal lands in it every time.
+IN_FINALIZER = """
+import sys, time
+from reprolab.lifecycle import interrupt_on_sigterm
+
+interrupt_on_sigterm(once=sys.argv[1] == "once")
+
+class Finalized:
+    def __del__(self):
+        print("in __del__", flush=True)
+        while True:
+            time.sleep(0.01)
+
+try:
+    Finalized()
+    print("after __del__", flush=True)
+    time.sleep(20)
+    print("not interrupted", flush=True)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.exit(130)
+"""
+
+
+@pytest.mark.parametrize("mode", ["plain", "once"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_that_lands_in_a_finalizer_is_not_lost(mode, signum):
+    """Python drops (prints) an exception raised in a finalizer: the stop would be lost, and
+    after a once-only handler the process deaf to the next. It is sent again once the finalizer
+    has returned: the process ends as interrupted, at once. SIGINT with `plain` is Python's own
+    Ctrl-C handler."""
+    proc = subprocess.Popen([sys.executable, "-c", IN_FINALIZER, mode], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "in __del__"
+        started = time.monotonic()
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=15)
+        assert proc.returncode == 130, (out, err)
+        assert out.split() == ["after", "__del__", "interrupted"], (out, err)
+        assert time.monotonic() - started < 10  # not the 20 s the process would sleep on
+        assert "Exception ignored" not in err and "Traceback" not in err, err
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 # ---- environment faults ----

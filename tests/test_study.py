@@ -458,7 +458,7 @@ def test_sigterm_of_tune_ends_its_runs_killed_and_stops_its_workers(project, mlf
                                                             held=False)
     assert proc.returncode == 130, err[-3000:]
     assert stopped_in < mechanics.STOP_S, err[-3000:]
-    assert "database is locked" not in err and "Traceback" not in err
+    assert "database is locked" not in err and "Traceback" not in err, err
     assert "after the signal" not in err  # the stop ended by itself, nothing was cut
     trials = _study(cfg).get_trials(deepcopy=False)
     assert not [t for t in trials if t.state == TrialState.RUNNING]

@@ -136,6 +136,10 @@ def run_command(argv: list[str] | None) -> int:
     # runs, it runs after the handlers the stage registers (MLflow's flushes among them).
     atexit.unregister(gc.freeze)
     atexit.register(gc.freeze)
+    # A Ctrl-C (or SIGTERM) that lands inside a finalizer is not lost (lifecycle.py says how)
+    from reprolab.lifecycle import redeliver_swallowed_interrupts
+
+    redeliver_swallowed_interrupts()
     if args.quiet:  # quiet: MLflow's download bars on stderr too (predict's output is parsed)
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from reprolab.config import load_config

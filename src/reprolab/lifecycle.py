@@ -133,8 +133,14 @@ def signals_held(reraise: bool = True) -> Iterator[None]:
         signal.raise_signal(came[0])
 
 
+def _interrupt(signum: int) -> KeyboardInterrupt:
+    exc = KeyboardInterrupt(f"signal {signum}")
+    exc.signum = signum  # type: ignore[attr-defined]  (read by _redeliver_swallowed)
+    return exc
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise _interrupt(signum)
 
 
 def _raise_interrupt_once(signum: int, frame: Any) -> None:
@@ -142,7 +148,47 @@ def _raise_interrupt_once(signum: int, frame: Any) -> None:
 
     for stop in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop, signal.SIG_IGN)
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise _interrupt(signum)
+
+
+_STOP_HANDLERS: dict[int, Any] = {}  # what interrupt_on_sigterm installed, by signal
+REDELIVER_S = 0.05
+
+
+def _redeliver_swallowed(unraisable: Any) -> None:
+    """sys.unraisablehook: Python runs a signal's handler wherever the main thread is, a
+    finalizer included (an object's `__del__` that the garbage collector calls at any allocation,
+    such as GitPython's Repo, which MLflow's git context makes), and an exception raised there
+    is printed and dropped. A Ctrl-C or SIGTERM would be lost so, with the process going on as
+    if none came (and, after a once-only handler, deaf to the next). The signal is sent again
+    shortly instead, to land once the finalizer has returned."""
+    import signal
+    import threading
+
+    if not issubclass(unraisable.exc_type, KeyboardInterrupt):
+        _UNRAISABLE[0](unraisable)
+        return
+    signum = getattr(unraisable.exc_value, "signum", signal.SIGINT)
+    handler = _STOP_HANDLERS.get(signum)
+    if handler is not None and signal.getsignal(signum) is signal.SIG_IGN:
+        with contextlib.suppress(ValueError):  # not the main thread: as it is
+            signal.signal(signum, handler)  # a once-only handler took itself down first
+    timer = threading.Timer(REDELIVER_S, os.kill, (os.getpid(), signum))
+    timer.daemon = True
+    timer.start()
+
+
+_UNRAISABLE: list[Any] = []
+
+
+def redeliver_swallowed_interrupts() -> None:
+    """Install _redeliver_swallowed as sys.unraisablehook (once; other exceptions go on to the
+    hook from before)."""
+    import sys
+
+    if sys.unraisablehook is not _redeliver_swallowed:
+        _UNRAISABLE[:] = [sys.unraisablehook]
+        sys.unraisablehook = _redeliver_swallowed
 
 
 def interrupt_on_sigterm(once: bool = False) -> None:
@@ -153,9 +199,13 @@ def interrupt_on_sigterm(once: bool = False) -> None:
     stage's SIGTERM); bounded_stop bounds that clean-up."""
     import signal
 
+    _STOP_HANDLERS.clear()
     if once:
-        signal.signal(signal.SIGINT, _raise_interrupt_once)
-    signal.signal(signal.SIGTERM, _raise_interrupt_once if once else _raise_interrupt)
+        _STOP_HANDLERS[signal.SIGINT] = _raise_interrupt_once
+    _STOP_HANDLERS[signal.SIGTERM] = _raise_interrupt_once if once else _raise_interrupt
+    for signum, handler in _STOP_HANDLERS.items():
+        signal.signal(signum, handler)
+    redeliver_swallowed_interrupts()
 
 
 def drop_interrupted_frames(exc: BaseException) -> None:
