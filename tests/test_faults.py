@@ -332,9 +332,12 @@ def test_the_lock_names_a_live_holder_and_dies_with_it(tmp_path):
 # Repo.__del__ under MLflow's git context, in the flake of test_study's SIGTERM test): here one
 # that only a signal ends, so that the signal lands in it every time.
 IN_FINALIZER = """
-import sys, time
+import signal, sys, time
 from reprolab.lifecycle import interrupt_on_sigterm
 
+# Ctrl-C as an interactive shell leaves it (a shell without job control starts a background
+# command with SIGINT ignored, and Python then keeps it ignored)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 interrupt_on_sigterm(once=sys.argv[1] == "once")
 
 class Finalized:
