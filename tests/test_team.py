@@ -25,7 +25,7 @@ from reprolab.config import load_config
 from reprolab.data import load_split
 from reprolab.files import sha256_file
 from reprolab.gate import Gate, replay
-from servers import BIN, mlflow_server, served_probabilities
+from servers import BIN, mlflow_server, postgres_database, served_probabilities
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from harness import git_copy  # noqa: E402  (the git copy the end-to-end tests use)
@@ -218,6 +218,39 @@ def test_racing_registrations_end_as_registering_in_version_order(server, machin
         register.run(load_config(cfg.base_dir / "params.yaml", [
             *TINY, "tracking.experiment=team", f"register.model_name={sequential}"]))
     assert _aliases(sequential) == expected
+
+
+def test_an_alias_given_for_the_first_time_by_two_processes_at_once(monkeypatch, tmp_path):
+    """MLflow sets an alias by a read, then an insert: two registers giving a model its first
+    champion at once both insert, and PostgreSQL refuses the second (seen in the race above).
+    Injected for certain: the other process's row lands between this one's read and insert."""
+    from mlflow.store.model_registry.dbmodels.models import SqlRegisteredModelAlias
+    from sqlalchemy import create_engine, event, text
+
+    with postgres_database() as uri:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        client = MlflowClient(uri, registry_uri=uri)
+        client.create_registered_model("first-alias")
+        for _ in range(2):
+            client.create_model_version("first-alias", str(tmp_path), run_id=None)
+        other = create_engine(uri)
+        inserted = []
+
+        def the_other_process_first(mapper, connection, target):
+            if not inserted:
+                with other.begin() as conn:
+                    conn.execute(text("INSERT INTO registered_model_aliases (name, alias, version) "
+                                      "VALUES ('first-alias', 'champion', 1)"))
+                inserted.append(True)
+
+        event.listen(SqlRegisteredModelAlias, "before_insert", the_other_process_first)
+        try:
+            assert registry.set_alias("first-alias", "champion", "2")
+        finally:
+            event.remove(SqlRegisteredModelAlias, "before_insert", the_other_process_first)
+            other.dispose()
+        assert inserted
+        assert client.get_model_version_by_alias("first-alias", "champion").version == 2
 
 
 def _with_promotion(order: list[str], f1: dict[str, float], promoted: str, after: int):

@@ -257,12 +257,19 @@ def set_alias(name: str, alias: str, version: str | None) -> bool:
         with contextlib.suppress(MlflowException):  # no such alias: nothing to remove
             client.delete_registered_model_alias(name, alias)
         return True
-    try:
-        client.set_registered_model_alias(name, alias, version)
-    except MlflowException:
-        if any(v["version"] == version for v in model_versions(name)):
-            raise
-        return False
+    # MLflow sets an alias by a read, then an insert or an update: two processes that give a
+    # model an alias for the first time at once both insert, and the store's key refuses the
+    # second (a UniqueViolation). Set again, the row is there and is updated; settle_aliases
+    # then reads the versions again, so a value set from an older view is written over.
+    for attempt in (1, 2):
+        try:
+            client.set_registered_model_alias(name, alias, version)
+            return True
+        except MlflowException:
+            if not any(v["version"] == version for v in model_versions(name)):
+                return False
+            if attempt == 2:
+                raise
     return True
 
 
