@@ -15,6 +15,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 from mlflow import MlflowClient
@@ -228,7 +229,11 @@ def test_an_alias_given_for_the_first_time_by_two_processes_at_once(monkeypatch,
     from sqlalchemy import create_engine, event, text
 
     with postgres_database() as uri:
+        # the store reprolab's registry calls open: a stage run earlier in this process may have
+        # set MLflow's URIs, which come before the environment
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", uri)
+        monkeypatch.setattr(mlflow.tracking._model_registry.utils, "_registry_uri", uri)
         client = MlflowClient(uri, registry_uri=uri)
         client.create_registered_model("first-alias")
         for _ in range(2):
