@@ -58,7 +58,10 @@ bench: setup
 ui: setup
 	@echo "MLflow UI: http://127.0.0.1:5000 (click 'Model training' at the top left once:" \
 	      "experiments then open on their runs)"
+	@# MLflow's job runner serves GenAI features (judges, prompt optimisation), not this project:
+	@# without it the UI starts one process instead of eight
 	MLFLOW_DISABLE_TELEMETRY=$${MLFLOW_DISABLE_TELEMETRY:-true} \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} \
 	    mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db"
 
 # The champion of this project's registered model over HTTP (MLflow's scoring server), with or

@@ -27,7 +27,10 @@ def free_port() -> int:
 def serve(args: list[str], port: int, env: dict[str, str], probe: str) -> subprocess.Popen:
     """Start a server process and wait until `probe` answers on 127.0.0.1:port."""
     # the servers start helpers (uvicorn) by name, from this environment
-    env = {**env, "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"}
+    env = {**env, "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+           # MLflow's job runner (GenAI jobs: judges, prompt optimisation) starts seven more
+           # processes by default, each importing MLflow; nothing here uses them
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.monotonic() + 120
