@@ -379,6 +379,43 @@ def test_a_stop_that_lands_in_a_finalizer_is_not_lost(mode, signum):
         proc.kill()
         proc.wait()
 
+# A command already ending with an error when the stop comes: a rank whose peer died reports it
+# as the launcher stops the ranks left (SIGTERM). Here the stop lands in the error's report.
+WHILE_ENDING = """
+import os, signal, sys
+from reprolab import cli
+from reprolab.errors import ReprolabError
+from reprolab.lifecycle import interrupt_on_sigterm
+
+class StopWhileWriting:
+    def write(self, text):
+        written = sys.__stderr__.write(text)
+        if text.endswith("\\n"):  # a line printed
+            os.kill(os.getpid(), signal.SIGTERM)
+        return written
+
+    def flush(self):
+        sys.__stderr__.flush()
+
+def fail(cfg, args):
+    interrupt_on_sigterm()
+    sys.stderr = StopWhileWriting()
+    raise ReprolabError("another rank stopped answering")
+
+cli.COMMANDS["promote"] = ("__main__:fail", "")
+sys.exit(cli.main(["promote", "-q", "a-model", "1"]))
+"""
+
+
+def test_a_stop_while_a_command_ends_with_an_error_is_an_exit_not_a_kill(tmp_path):
+    """Escaping, the KeyboardInterrupt would end the process as killed by SIGINT, which the
+    launcher reads as a kill from outside and names in place of the rank that died."""
+    proc = subprocess.run([sys.executable, "-c", WHILE_ENDING], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.splitlines() == ["reprolab promote: error: another rank stopped answering",
+                                        "reprolab: interrupted"], proc.stderr
+
 
 # ---- environment faults ----
 

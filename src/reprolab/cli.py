@@ -16,6 +16,7 @@ import re
 import shlex
 import signal
 import sys
+import threading
 
 # stage -> module; a stage, its module, its params section and its report folder share a name.
 STAGES = {
@@ -108,8 +109,24 @@ def main(argv: list[str] | None = None) -> int:
     gc.disable()
     try:
         return run_command(argv)
+    except KeyboardInterrupt:
+        # a stop that came while the command was already ending: as its error line was printed,
+        # or as a rank whose peer died was reporting it when the launcher stopped the rest.
+        # Escaping, it would end the process as killed by SIGINT, which reads as a kill from
+        # outside (the launcher would name this rank, not the one that died)
+        _ignore_stops()
+        print("reprolab: interrupted", file=sys.stderr)
+        return 130
     finally:
         (gc.enable if collecting else gc.disable)()
+
+
+def _ignore_stops() -> None:
+    """A second signal while the process winds down must not turn exit code 130 into a death by
+    signal."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def run_command(argv: list[str] | None) -> int:
@@ -157,10 +174,7 @@ def run_command(argv: list[str] | None) -> int:
         print(f"reprolab {args.stage}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        # a second signal while the process winds down must not turn exit code 130 into a
-        # death by signal
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _ignore_stops()
         print(f"reprolab {args.stage}: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:  # the disk, not the code: full, read-only, no permission
