@@ -35,13 +35,14 @@ lock: setup
 # build strictly first: a broken link or a page missing from the nav fails the run.
 test: setup docs
 	@# one worker more than cores: about a quarter of the suite waits on processes it starts
-	@# (servers, torchrun, dvc), so a third worker fills the cores; files stay whole per worker
-	pytest -n $$(( $$(nproc) + 1 )) --dist loadfile
+	@# (servers, torchrun, dvc), so a third worker fills the cores; files stay whole per worker,
+	@# handed out longest first (tests/conftest.py)
+	pytest -n $$(( $$(nproc) + 1 )) --dist loadfile --no-loadscope-reorder
 
 # For local work: every test but the slowest (the end-to-end runs and long fault injections).
 # CI runs `make test`, all of them.
 test-fast: setup
-	pytest -n $$(( $$(nproc) + 1 )) --dist loadfile -m "not slow and not e2e"
+	pytest -n $$(( $$(nproc) + 1 )) --dist loadfile --no-loadscope-reorder -m "not slow and not e2e"
 
 # The docs site (MkDocs Material) into site/; the reference tables are generated (docs/hooks.py)
 docs: setup

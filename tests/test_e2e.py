@@ -114,16 +114,49 @@ def test_dvc_repro_runs_every_stage_and_writes_every_output(repro):
     assert (dest / "optuna.journal").is_file()
 
 
-def test_two_clean_runs_write_the_same_lock(repro, tmp_path_factory):
-    """A second fresh copy, its own stores: every cached output hashes the same, so dvc.lock is
-    identical apart from register's decision (which is not cached)."""
+def test_mlflow_run_in_a_clean_copy_writes_what_dvc_repro_wrote(repro, tmp_path_factory):
+    """`mlflow run . -e main --env-manager local` (MLproject) in a second clean copy with stores
+    of its own: each stage starts runs of its own under the project's run, and every output is
+    what the first copy's `dvc repro` wrote: DVC, given the first copy's dvc.lock, finds nothing
+    changed (two clean runs, two launchers, the same bytes; register's decision is not
+    cached)."""
     dest, _, _ = repro
-    other = project_copy(tmp_path_factory.mktemp("clone2"))
-    sh(tool("dvc"), "repro", "evaluate", cwd=other)  # register's decision is not compared
-    first, second = (yaml.safe_load((d / "dvc.lock").read_text())["stages"]
-                     for d in (dest, other))
-    for stage in ("fetch", "preprocess", "tune", "train", "evaluate"):
-        assert first[stage] == second[stage], stage
+    other = project_copy(tmp_path_factory.mktemp("mlflow"))
+    sh(tool("mlflow"), "run", ".", "-e", "main", "--env-manager", "local", cwd=other)
+    # the first copy's lock and cache: an output that differs from the lock is "modified"
+    shutil.copy(dest / "dvc.lock", other / "dvc.lock")
+    sh(tool("dvc"), "cache", "dir", "--local", str(dest / ".dvc" / "cache"), cwd=other)
+    status = json.loads(sh(tool("dvc"), "status", "--json", cwd=other).stdout or "{}")
+    status.pop("register", None)  # its decision is not cached
+    assert status == {"fetch": ["always changed"]}, status  # a source DVC cannot see
+
+    client = store(other)  # MLflow's default store, sqlite:///mlflow.db in the project
+    (project,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                    "tags.`mlflow.project.entryPoint` = 'main'")
+    experiment = client.get_experiment(project.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+    def children(run_id: str) -> list:
+        return client.search_runs([experiment.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{run_id}'")
+
+    stages = children(project.info.run_id)
+    (tune_run,) = [r for r in stages if "optuna.study" in r.data.tags]
+    (train_run,) = [r for r in stages if "model.sha256" in r.data.tags]
+    assert len(stages) == 2
+    trials = children(tune_run.info.run_id)
+    assert len(trials) == TINY["tune"]["n_trials"]
+    # train took the tuned lr into a run of its own (no clash with the params of another stage)
+    best = yaml.safe_load((other / "reports/tune/best_params.yaml").read_text())
+    assert float(train_run.data.params["train.lr"]) == pytest.approx(best["lr"])
+    assert train_run.data.params["train.hparams_source"] == "tune"
+    assert "test/accuracy" in train_run.data.metrics  # evaluate logged onto train's run
+    champion = client.get_model_version_by_alias(model_name(other), "champion")
+    assert champion.run_id == train_run.info.run_id
+    head = sh("git", "rev-parse", "HEAD", cwd=other).stdout.strip()
+    for run in [project, *stages, *trials]:
+        assert run.info.status == "FINISHED", run.info.run_name
+        assert run.data.tags["mlflow.source.git.commit"] == head, run.info.run_name
 
 
 def test_second_repro_snapshots_the_data_and_runs_nothing_else(repro):
@@ -398,18 +431,6 @@ def test_a_fresh_clone_has_a_baseline_and_a_remote_brings_the_rest(repro, tmp_pa
     assert "no finished training run" in line and "set MLFLOW_TRACKING_URI" in line
 
 
-def test_experiment_in_the_workspace_as_the_readme_writes_it(repro):
-    dest, _, _ = repro
-    out = sh(tool("dvc"), "exp", "run", "-S", "train.lr=0.01", "-S", "train.use_tuned=false",
-             cwd=dest).stdout
-    assert "Running stage 'train'" in out and "Running stage 'tune'" not in out
-    client = store(dest)
-    exp = client.get_experiment_by_name("reprolab")
-    (run,) = client.search_runs([exp.experiment_id], "params.`train.lr` = '0.01'")
-    assert run.info.status == "FINISHED" and run.data.tags["dvc.exp_name"] in out
-    assert "test/accuracy" in run.data.metrics
-
-
 TINY_NET = '''
 import torch
 from torch import nn
@@ -428,18 +449,25 @@ class TinyNet(nn.Module):
 
 
 def test_your_own_network_through_dvc_exp_run(repro, tmp_path):
-    """One file in nets/ and -S on the command line; editing the file makes the stages that
-    import it stale; the registered model predicts with no nets/ anywhere near."""
+    """`dvc exp run` in the workspace, as the README writes it: one file in nets/ and -S on the
+    command line. Editing the file, or adding weights to start from, makes the stages that
+    read them stale; the registered model predicts with no nets/ anywhere near."""
     dest, _, _ = repro
     (dest / "nets" / "tiny.py").write_text(TINY_NET)
     # one trial: tune reruns (the network is a dependency), its search is not what is tested
-    sh(tool("dvc"), "exp", "run", "-S", "model.name=nets.tiny:TinyNet", "-S",
-       "model.kwargs={hidden: 24}", "-S", "train.use_tuned=false", "-S",
-       "register.model_name=tiny-net", "-S", "tune.n_trials=1", cwd=dest)
+    out = sh(tool("dvc"), "exp", "run", "-S", "model.name=nets.tiny:TinyNet", "-S",
+             "model.kwargs={hidden: 24}", "-S", "train.use_tuned=false", "-S",
+             "register.model_name=tiny-net", "-S", "tune.n_trials=1", cwd=dest).stdout
     spec = __import__("torch").load(dest / "models/model.pt", weights_only=True)["spec"]
     assert (spec["name"], spec["kwargs"]) == ("nets.tiny:TinyNet", {"hidden": 24})
     fresh = json.loads(sh(tool("dvc"), "status", "--json", cwd=dest).stdout or "{}")
     assert not {"tune", "train", "evaluate"} & set(fresh), fresh
+    client = store(dest)
+    exp = client.get_experiment_by_name("reprolab")
+    (run,) = client.search_runs([exp.experiment_id], "params.`model.name` = 'nets.tiny:TinyNet' "
+                                "and tags.`dvc.stage` = 'train'")
+    assert run.info.status == "FINISHED" and run.data.tags["dvc.exp_name"] in out
+    assert "test/accuracy" in run.data.metrics
 
     net = dest / "nets" / "tiny.py"
     net.write_text(net.read_text().replace("nn.ReLU()", "nn.GELU()"))
@@ -448,16 +476,16 @@ def test_your_own_network_through_dvc_exp_run(repro, tmp_path):
         changes = [c for c in stale.get(stage, []) if isinstance(c, dict)]
         assert any("nets" in c.get("changed deps", {}) for c in changes), (stage, stale)
     assert stale.get("fetch") == ["always changed"] and "preprocess" not in stale
+    net.write_text(TINY_NET)
 
-    # fine-tuning through DVC: the trained net's weights, added to DVC, start the next model
+    # fine-tuning through DVC: weights added to DVC are a dependency of the stages that load
+    # them (tests/test_adapt.py trains from such weights)
     shutil.copy(dest / "models" / "model.pt", dest / "weights" / "tiny.pt")
     sh(tool("dvc"), "add", "weights/tiny.pt", cwd=dest)
-    net.write_text(TINY_NET)
-    sh(tool("dvc"), "exp", "run", "-S", "model.pretrained=weights/tiny.pt", "-S",
-       "train.freeze_backbone=1", cwd=dest)
-    tuned = __import__("torch").load(dest / "models/model.pt", weights_only=True)
-    assert tuned["spec"]["pretrained"] == {"source": "weights/tiny.pt",
-                                           "sha256": sha256_file(dest / "weights/tiny.pt")}
+    stale = json.loads(sh(tool("dvc"), "status", "--json", cwd=dest).stdout)
+    for stage in ("tune", "train"):
+        changes = [c for c in stale.get(stage, []) if isinstance(c, dict)]
+        assert any("weights" in c.get("changed deps", {}) for c in changes), (stage, stale)
 
     shutil.move(dest / "nets", tmp_path / "nets-away")  # no network code left in the project
     from PIL import Image

@@ -88,3 +88,10 @@ def test_mlflow_is_imported_by_the_tracking_layer_only():
             if any(n == "mlflow" or n.startswith("mlflow.") for n in names):
                 importers.add(path.name)
     assert importers == {"tracking.py", "lineage.py", "registry.py", "serving.py"}
+
+
+def test_the_longest_first_order_names_test_files_that_exist():
+    from conftest import LONGEST_FIRST
+
+    missing = [name for name in LONGEST_FIRST if not (REPO / "tests" / name).is_file()]
+    assert not missing and len(set(LONGEST_FIRST)) == len(LONGEST_FIRST), missing
