@@ -77,9 +77,11 @@ class Peak:
 
     def _sample(self) -> None:
         while True:
+            stopping = self._stop.is_set()
             self.bytes = max(self.bytes, sum(pss_anon(p) for p in descendants(self.pid)))
-            if self._stop.wait(self.interval):
+            if stopping:  # the last sample, taken once the block ended: what it holds then
                 return
+            self._stop.wait(self.interval)
 
     def __enter__(self) -> Peak:
         self._thread.start()

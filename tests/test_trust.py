@@ -236,6 +236,7 @@ for line in sys.stdin:
     sys.stdout.flush()
     pid = os.fork()
     if pid == 0:  # the attempt: the command as `reprolab` runs it, its writes counted
+        os.dup2(2, 1)  # what it prints goes to the log: this process's stdout is the answers
         calls = []
         for method in ("create_model_version", "update_model_version", "set_model_version_tag",
                        "set_registered_model_alias", "delete_registered_model_alias"):
