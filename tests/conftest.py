@@ -66,6 +66,16 @@ def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="session")
+def forks(tmp_path_factory: pytest.TempPathFactory):
+    """One warm process per test worker whose forks run commands (tests/forks.py)."""
+    from forks import Forks
+
+    server = Forks(tmp_path_factory.mktemp("forks"))
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
 def processed_once(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """fetch + preprocess of digits, done once; tests copy the result."""
     from reprolab.data import fetch, preprocess

@@ -95,3 +95,15 @@ def test_the_longest_first_order_names_test_files_that_exist():
 
     missing = [name for name in LONGEST_FIRST if not (REPO / "tests" / name).is_file()]
     assert not missing and len(set(LONGEST_FIRST)) == len(LONGEST_FIRST), missing
+
+
+def test_the_accuracy_the_docs_quote_is_the_committed_one():
+    """README.md and the getting-started page quote `make run`'s test accuracy: the committed
+    reports/evaluate/metrics.json's, which `make lock` rewrites with dvc.lock."""
+    import re
+
+    accuracy = read_json(REPO / "reports" / "evaluate" / "metrics.json")["accuracy"]
+    for page in ("README.md", "docs/getting-started.md"):
+        text = " ".join((REPO / page).read_text().split())
+        (quoted,) = re.findall(r"test accuracy of (?:about )?(0\.\d+)", text)
+        assert abs(float(quoted) - accuracy) < 0.0051, (page, quoted, accuracy)

@@ -177,9 +177,9 @@ def test_reduced_precision_trains_on_cpu(project, precision):
 
 # ---- one trainer at a time; each epoch in MLflow exactly once ----
 
-# `python DRIVER <cli args>` runs `reprolab` with a real kill -9 at one chosen point: the process
-# dies in MLflow calls of train, or between two checkpoints, where no signal from outside could
-# land reliably.
+# DRIVER WHERE EPOCH <cli args> (a fork: tests/forks.py) runs `reprolab` with a real kill -9 at
+# one chosen point: the process dies in MLflow calls of train, or between two checkpoints, where
+# no signal from outside could land reliably.
 DRIVER = """
 import math, os, signal, sys
 from reprolab import cli, tracking, train
@@ -225,12 +225,8 @@ def _cli_args(cfg, overrides) -> list[str]:
     return args
 
 
-def _die_in_train(cfg, overrides, where: str, epoch: int = 0) -> None:
-    driver = cfg.base_dir / "driver.py"
-    driver.write_text(DRIVER)
-    proc = subprocess.run([sys.executable, str(driver), where, str(epoch),
-                           *_cli_args(cfg, overrides)],
-                          cwd=cfg.base_dir, capture_output=True, text=True, timeout=240)
+def _die_in_train(forks, cfg, overrides, where: str, epoch: int = 0) -> None:
+    (proc,) = forks.run((DRIVER, [where, epoch, *_cli_args(cfg, overrides)], cfg.base_dir))
     assert proc.returncode == -signal.SIGKILL, proc.stderr
 
 
@@ -312,14 +308,15 @@ def test_second_trainer_is_refused_while_the_first_finishes(project):
     ("after model", 0, EVERY_EPOCH),
 ], ids=["before-metrics", "after-metrics", "three-epochs-in-flight", "between-checkpoints",
         "after-model"])
-def test_kill_9_inside_train_then_rerun_logs_everything_once(project, where, epoch, every):
+def test_kill_9_inside_train_then_rerun_logs_everything_once(project, forks, where, epoch,
+                                                             every):
     """kill -9 just before and just after a checkpoint's metrics reach MLflow, between two
     checkpoints, and after the model is logged: the rerun resumes the run from the last
     checkpoint, leaves each metric step and the model once, and ends with the weights of an
     uninterrupted run."""
     overrides = [f"tracking.experiment=die-{where.replace(' ', '-')}-{epoch}", every]
     cfg = project(*overrides)
-    _die_in_train(cfg, overrides, where, epoch)
+    _die_in_train(forks, cfg, overrides, where, epoch)
     run_id = _running_run(overrides[0].split("=")[1])
     resumed_at = torch.load(cfg.checkpoint_file, weights_only=True)["epoch"]
     assert resumed_at == (1 if where == "between checkpoints" else epoch or 3)
@@ -360,10 +357,10 @@ def test_a_failure_after_training_ends_the_run_failed_with_every_epoch(project, 
     assert len(_logged_models(run_id)) == 1
 
 
-def test_checkpoint_of_a_changed_config_ends_its_run_killed(project):
+def test_checkpoint_of_a_changed_config_ends_its_run_killed(project, forks):
     overrides = ["tracking.experiment=changed-config", EVERY_EPOCH]
     cfg = project(*overrides)
-    _die_in_train(cfg, overrides, "after metrics", 1)
+    _die_in_train(forks, cfg, overrides, "after metrics", 1)
     old_run = _running_run("changed-config")
 
     result = train.run(project(*overrides, "train.lr=0.002"))

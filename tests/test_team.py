@@ -174,24 +174,23 @@ RACER = textwrap.dedent("""
 """)
 
 
-def _race(machines, name: str, seed: int) -> list[subprocess.CompletedProcess]:
-    procs = []
+def _race(forks, machines, name: str, seed: int, *more) -> list[subprocess.CompletedProcess]:
+    """One `reprolab register` per machine, all at once with the `more` jobs (forks:
+    tests/forks.py); -> the results, `more`'s first."""
+    jobs = list(more)
     for i, cfg in enumerate(machines.values()):
-        args = [sys.executable, "-c", RACER, str(seed * 100 + i), "register", "-q", "--params",
+        args = [str(seed * 100 + i), "register", "-q", "--params",
                 str(cfg.base_dir / "params.yaml")]
         for item in (*TINY, "tracking.experiment=team", f"register.model_name={name}"):
             args += ["-S", item]
-        procs.append(subprocess.Popen(args, cwd=cfg.base_dir, env=dict(os.environ),
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outputs = [proc.communicate(timeout=300) for proc in procs]
-    return [subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-            for proc, (out, err) in zip(procs, outputs, strict=True)]
+        jobs.append((RACER, args, cfg.base_dir))
+    return forks.run(*jobs)
 
 
 @pytest.mark.parametrize("seed", [1, 2])
-def test_racing_registrations_end_as_registering_in_version_order(server, machines, seed):
+def test_racing_registrations_end_as_registering_in_version_order(server, machines, seed, forks):
     name = f"team-race-{seed}"
-    procs = _race(machines, name, seed)
+    procs = _race(forks, machines, name, seed)
     for proc in procs:
         assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -273,7 +272,7 @@ def _with_promotion(order: list[str], f1: dict[str, float], promoted: str, after
 
 
 def test_a_promotion_by_hand_races_registrations_and_the_next_register_keeps_it(
-        server, machines):
+        server, machines, forks):
     name = "team-promote"
     poor, good = machines["poor"], machines["good"]
     for cfg in (poor, good):  # v1 poor, v2 good (champion)
@@ -282,13 +281,9 @@ def test_a_promotion_by_hand_races_registrations_and_the_next_register_keeps_it(
     assert _aliases(name)["champion"] == sha256_file(good.model_file)
 
     # every machine registers while someone promotes v1 (poor) by hand, in any interleaving
-    promoter = [sys.executable, "-c", RACER, "7", "promote", "-q", "--params",
-                str(poor.base_dir / "params.yaml"), name, "1"]
-    promoting = subprocess.Popen(promoter, cwd=poor.base_dir, env=dict(os.environ),
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    procs = _race(machines, name, seed=3)
-    out, err = promoting.communicate(timeout=300)
-    for proc in [subprocess.CompletedProcess(promoter, promoting.returncode, out, err), *procs]:
+    promoter = (RACER, ["7", "promote", "-q", "--params", str(poor.base_dir / "params.yaml"),
+                        name, "1"], poor.base_dir)
+    for proc in _race(forks, machines, name, 3, promoter):
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     client = MlflowClient()

@@ -6,7 +6,6 @@ unknown commit, an alias moved between two reads, a `register` killed at each st
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import signal
 import subprocess
@@ -208,41 +207,28 @@ def test_an_alias_is_resolved_once_per_load(versions, monkeypatch):
 
 # ---- a killed `register` leaves the old state or a complete version no alias points to ----
 
-# One process imports what `register` needs once; each attempt is a fork of it that runs the
-# command and kills itself (SIGKILL) after its KILL_AT-th registry write. Each line in: KILL_AT
-# and the command's arguments (JSON); each line out: how the fork ended (an exit code, or minus
-# the signal).
-DRIVER = """
-import importlib, json, os, signal, sys
+# `register` that kills itself (SIGKILL) after its KILL_AT-th registry write.
+DYING = """
+import os, signal, sys
 from mlflow import MlflowClient
 from reprolab import cli
 
-importlib.import_module(cli.COMMANDS["register"][0])  # torch, MLflow: loaded once, before forks
+KILL_AT, calls = int(sys.argv[1]), []
 
-
-def dying(method, kill_at, calls):
+def dying(method):
     original = getattr(MlflowClient, method)
     def call(self, *args, **kwargs):
         result = original(self, *args, **kwargs)
         calls.append(method)
-        if len(calls) == kill_at:
+        if len(calls) == KILL_AT:
             os.kill(os.getpid(), signal.SIGKILL)
         return result
     setattr(MlflowClient, method, call)
 
-
-for line in sys.stdin:
-    kill_at, args = json.loads(line)
-    sys.stdout.flush()
-    pid = os.fork()
-    if pid == 0:  # the attempt: the command as `reprolab` runs it, its writes counted
-        os.dup2(2, 1)  # what it prints goes to the log: this process's stdout is the answers
-        calls = []
-        for method in ("create_model_version", "update_model_version", "set_model_version_tag",
-                       "set_registered_model_alias", "delete_registered_model_alias"):
-            dying(method, kill_at, calls)
-        sys.exit(cli.main(args))
-    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+for method in ("create_model_version", "update_model_version", "set_model_version_tag",
+               "set_registered_model_alias", "delete_registered_model_alias"):
+    dying(method)
+sys.exit(cli.main(sys.argv[2:]))
 """
 
 
@@ -257,7 +243,7 @@ def _state(name: str) -> dict:
 
 @pytest.mark.slow
 def test_register_killed_at_each_step_leaves_old_state_or_an_unaliased_complete_version(
-        tmp_path, processed_once):
+        tmp_path, processed_once, forks):
     """v1 (a poor model) is champion; v2 (a better one) is registered by a `register` that is
     killed after its 1st, 2nd, ... registry write. After each kill every alias points to a
     version whose tags and description are complete; the next `register` ends exactly as an
@@ -273,41 +259,36 @@ def test_register_killed_at_each_step_leaves_old_state_or_an_unaliased_complete_
     good_files = {p: p.read_bytes() for p in (good.model_file, good.metrics_file,
                                               good.evaluated_file)}
     kills = 0
-    with open(tmp_path / "driver.log", "w") as log, \
-            subprocess.Popen([sys.executable, "-c", DRIVER], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=log, text=True) as driver:
-        for kill_at in range(1, 10):
-            name = f"kill-test-{kill_at}"
-            # v1: the poor model, champion of a fresh registered model
-            good.model_file.write_bytes(poor_model)
-            good.metrics_file.write_bytes(poor_metrics[0])
-            good.evaluated_file.write_bytes(poor_metrics[1])
-            register.run(_project(tmp_path / "p", processed_once, f"register.model_name={name}"))
-            before = _state(name)
-            for path, data in good_files.items():
-                path.write_bytes(data)
-            args = ["register", "-q", "--params", str(good.base_dir / "params.yaml")]
-            for item in (*OVERRIDES, f"register.model_name={name}"):
-                args += ["-S", item]
-            driver.stdin.write(json.dumps([kill_at, args]) + "\n")
-            driver.stdin.flush()
-            code = int(driver.stdout.readline() or "999")
-            if code != -signal.SIGKILL:  # fewer writes than that: it finished
-                assert code == 0, (tmp_path / "driver.log").read_text()[-3000:]
-                break
-            kills += 1
-            state = _state(name)
-            for alias, number in state["aliases"].items():
-                version = state["versions"][number]
-                assert version["description"] and tags.MODEL_FILES in version["tags"], (kill_at,
-                                                                                     alias)
-            assert state["aliases"] in (before["aliases"], {"champion": "2"}), kill_at
-            decision = register.run(_project(tmp_path / "p", processed_once,
-                                             f"register.model_name={name}"))
-            settled = _state(name)  # the next run adopted what the kill left
-            assert settled["aliases"] == {"champion": "2"} and decision["version"] == "2"
-            assert settled["versions"]["1"]["description"].startswith("No alias: ")
-            assert settled["versions"]["2"]["description"].startswith("Holds @champion: ")
+    for kill_at in range(1, 10):
+        name = f"kill-test-{kill_at}"
+        # v1: the poor model, champion of a fresh registered model
+        good.model_file.write_bytes(poor_model)
+        good.metrics_file.write_bytes(poor_metrics[0])
+        good.evaluated_file.write_bytes(poor_metrics[1])
+        register.run(_project(tmp_path / "p", processed_once, f"register.model_name={name}"))
+        before = _state(name)
+        for path, data in good_files.items():
+            path.write_bytes(data)
+        args = ["register", "-q", "--params", str(good.base_dir / "params.yaml")]
+        for item in (*OVERRIDES, f"register.model_name={name}"):
+            args += ["-S", item]
+        (proc,) = forks.run((DYING, [kill_at, *args], tmp_path))
+        if proc.returncode != -signal.SIGKILL:  # fewer writes than that: it finished
+            assert proc.returncode == 0, proc.stderr
+            break
+        kills += 1
+        state = _state(name)
+        for alias, number in state["aliases"].items():
+            version = state["versions"][number]
+            assert version["description"] and tags.MODEL_FILES in version["tags"], (kill_at,
+                                                                                 alias)
+        assert state["aliases"] in (before["aliases"], {"champion": "2"}), kill_at
+        decision = register.run(_project(tmp_path / "p", processed_once,
+                                         f"register.model_name={name}"))
+        settled = _state(name)  # the next run adopted what the kill left
+        assert settled["aliases"] == {"champion": "2"} and decision["version"] == "2"
+        assert settled["versions"]["1"]["description"].startswith("No alias: ")
+        assert settled["versions"]["2"]["description"].startswith("Holds @champion: ")
     assert kills >= 3  # the version, its description, the alias, the former champion's
 
 
