@@ -47,16 +47,15 @@ from reprolab.study import (
     Budget,
     await_running_trials,
     count,
-    dead_workers,
     describe_study,
     is_surplus,
-    local_workers,
     open_storage,
     open_study,
     run_trials,
     worker_id,
     worker_seed,
 )
+from reprolab.workers import dead_workers, local_workers
 
 log = logging.getLogger(__name__)
 
