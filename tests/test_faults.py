@@ -552,3 +552,47 @@ def test_a_sigterm_while_a_run_ends_waits_for_its_end(make_config, monkeypatch, 
     assert ending
     assert MlflowClient().get_run(run_id).info.status == status
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_a_stop_at_any_line_of_a_failing_runs_end_never_leaves_it_finished(make_config):
+    """The ranks left of a failed one get torchrun's SIGTERM as they handle their own error (a
+    peer that stopped answering): wherever in start_run's handling that stop lands (a trace
+    function raises it at each of its lines in turn, once the block has raised), the run ends
+    FAILED or KILLED, never FINISHED, and nothing stays RUNNING."""
+    import inspect
+    import sys
+
+    tracking.configure(make_config("tracking.experiment=stop-in-the-end"))
+    code = inspect.unwrap(tracking.start_run).__code__
+    lines = range(code.co_firstlineno, code.co_firstlineno + len(inspect.getsource(code)
+                                                                  .splitlines()))
+    landed = []
+    for line in lines:
+        raised = []
+
+        def tracer(frame, event, arg, line=line, raised=raised):
+            if frame.f_code is not code:
+                return None
+            if event == "line" and frame.f_lineno == line and raised == ["block"]:
+                raised.append("stop")
+                raise KeyboardInterrupt("signal 15")
+            return tracer
+
+        run_id = None
+        sys.settrace(tracer)
+        try:
+            with tracking.start_run("stop-in-the-end") as run_id:
+                raised.append("block")
+                raise RuntimeError("gloo: connection reset by peer")
+        except (RuntimeError, KeyboardInterrupt):
+            pass
+        finally:
+            sys.settrace(None)
+        if raised[-1] == "stop":
+            landed.append(line)
+            if mlflow.active_run() is not None:  # the stop came before the run's end began:
+                tracking.end_left_runs()  # what the process's exit does (an atexit handler)
+            status = MlflowClient().get_run(run_id).info.status
+            assert status in ("FAILED", "KILLED"), (line, status)
+    assert len(landed) >= 3, landed  # the except clause, the finally, the end
+    assert mlflow.active_run() is None

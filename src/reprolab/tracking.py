@@ -4,6 +4,7 @@ importers of mlflow."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -84,19 +85,22 @@ def start_run(
     tags = dict(tags or {})
     if run_id is None and not nested and tag.PARENT_RUN not in tags and _project_run:
         tags[tag.PARENT_RUN] = _project_run  # a stage under `mlflow run`: see configure
-    run, status = None, "FINISHED"
+    # FAILED until the block has returned: a stop that lands as an error is being handled (a
+    # rank whose peer died gets torchrun's SIGTERM then) must not leave the run FINISHED
+    run, status = None, "FAILED"
     try:
         # a signal while MLflow creates the run waits until it is created, then ends it KILLED
         # below: cut inside, the run would stay RUNNING with nobody to end it
         with signals_held():
             run = mlflow.start_run(run_id=run_id, run_name=run_name, tags=tags, nested=nested)
+            # before MLflow's own handler at exit (they run last registered first)
+            atexit.unregister(end_left_runs)
+            atexit.register(end_left_runs)
         yield run.info.run_id
+        status = "FINISHED"
     except KeyboardInterrupt as exc:
         status = "KILLED"
         drop_interrupted_frames(exc)  # an interrupted write's lock, which the end below needs
-        raise
-    except BaseException:
-        status = "FAILED"
         raise
     finally:
         try:
@@ -111,6 +115,14 @@ def start_run(
                      str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             if status == "FINISHED":
                 raise
+
+
+def end_left_runs() -> None:
+    """At exit: a run whose `with` block did not end it (a stop landed before its end was under
+    way) ends KILLED. MLflow's own handler at exit would end it FINISHED."""
+    with contextlib.suppress(Exception):
+        while mlflow.active_run() is not None:
+            mlflow.end_run("KILLED")
 
 
 def training_run_for(model_file: Path, digest: str, experiment: str | None = None
