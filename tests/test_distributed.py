@@ -1,8 +1,9 @@
 """Data-parallel training under the real torchrun: 2 CPU processes on the gloo backend.
 
 Each run starts real processes (seconds of imports each), so every run is a module fixture that
-several tests look at: one under `torchrun` itself, one `reprolab train` in this process (1
-rank), one `dvc repro` with train.processes: 2 (`reprolab train` starting torchrun's launcher).
+several tests look at: one `dvc repro` with train.processes: 2 (`reprolab train` starting
+torchrun's launcher), the 2-rank run the others are held to; one `reprolab train` in this process
+(1 rank); a launcher's run killed and rerun; torchrun itself, restarted after a kill.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -75,8 +77,8 @@ def history(reports: Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
 
 
-def each_epoch_once(run_id: str, epochs: int) -> None:
-    client = MlflowClient()
+def each_epoch_once(run_id: str, epochs: int, client: MlflowClient | None = None) -> None:
+    client = client or MlflowClient()
     for key in (*METRICS, "train/images_per_second"):
         steps = sorted(p.step for p in client.get_metric_history(run_id, key))
         assert steps == list(range(1, epochs + 1)), key
@@ -87,20 +89,31 @@ def experiment_runs(name: str) -> list:
     return MlflowClient().search_runs([exp.experiment_id]) if exp else []
 
 
+def store(dest: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{dest / 'mlflow.db'}")
+
+
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory, processed_once):
-    """`torchrun --standalone --nproc-per-node=2 -m reprolab train`: torchrun itself."""
-    cfg = project(tmp_path_factory.mktemp("torchrun"), processed_once,
-                  "tracking.experiment=ddp-torchrun")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         "-m", "reprolab", *train_args(cfg, "tracking.experiment=ddp-torchrun")],
-        cwd=cfg.base_dir, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run_id = proc.stdout.split()[2]  # "train: run <id>  val/accuracy ..." from rank 0 alone
-    assert proc.stdout.count("train: run ") == 1
-    return cfg, run_id
+def repro_two(tmp_path_factory):
+    """`dvc repro` of the whole pipeline with train.processes: 2, in a clone of the project:
+    `reprolab train` starts torchrun's launcher itself. The 2-rank run the others are held to."""
+    dest = git_copy(tmp_path_factory.mktemp("clone"), {
+        "train": {**TRAIN, "processes": 2}, "data": {"augment": AUGMENT},
+        "tune": {"n_trials": 1, "epochs": 1},
+    })
+    if VENV:
+        (dest / ".venv").symlink_to(VENV)
+    return dest, sh(tool("dvc"), "repro", cwd=dest, env=shell_env())
+
+
+@pytest.fixture(scope="module")
+def two_ranks(repro_two):
+    """-> (the project, its train run): the one training run of `dvc repro`'s 2 ranks."""
+    dest, _ = repro_two
+    client = store(dest)
+    exp = client.get_experiment_by_name("reprolab")
+    (run,) = client.search_runs([exp.experiment_id], "tags.`dvc.stage` = 'train'")
+    return dest, run
 
 
 @pytest.fixture(scope="module")
@@ -110,43 +123,63 @@ def one_process(tmp_path_factory, processed_once):
     return cfg, train.run(cfg)
 
 
+@pytest.mark.e2e
+def test_dvc_repro_with_two_processes_runs_the_whole_pipeline(repro_two):
+    dest, first = repro_two
+    for stage in ("fetch", "preprocess", "tune", "train", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in first.stdout
+    for rel in ("models/model.pt", "reports/evaluate/metrics.json",
+                "reports/register/decision.json"):
+        assert (dest / rel).is_file(), rel
+    client = store(dest)
+    exp = client.get_experiment_by_name("reprolab")
+    runs = client.search_runs([exp.experiment_id], "params.`distributed.world_size` = '2'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert "test/accuracy" in runs[0].data.metrics  # evaluate found the run by its model
+
+
+@pytest.mark.e2e
 def test_two_ranks_end_where_one_process_ends(two_ranks, one_process):
-    (cfg2, _), (cfg1, result) = two_ranks, one_process
-    got, expected = weights(cfg2.models_dir), weights(cfg1.models_dir)
+    (dest, _), (cfg1, result) = two_ranks, one_process
+    got, expected = weights(dest / "models"), weights(cfg1.models_dir)
     assert got.keys() == expected.keys()  # the plain module's: no DDP wrapper in the names
     worst = max((got[k].double() - expected[k].double()).abs().max().item() for k in got)
     assert worst <= TOLERANCE, worst
-    two, one = history(cfg2.report_dir("train").parent), result.history
+    two, one = history(dest / "reports"), result.history
     assert [row["val/accuracy"] for row in two] == [row["val/accuracy"] for row in one]
     for a, b in zip(two, one, strict=True):
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
         assert a["train/lr"] == pytest.approx(b["train/lr"], abs=1e-12)
 
 
+@pytest.mark.e2e
 def test_rank_0_alone_records_one_run_and_one_plain_model(two_ranks, one_process):
-    cfg, run_id = two_ranks
-    runs = experiment_runs("ddp-torchrun")
-    assert [r.info.run_id for r in runs] == [run_id]
-    run = runs[0]
+    dest, run = two_ranks  # the only train run: rank 1 started none
     assert run.info.status == "FINISHED"
     for data in (run.data.params, run.data.tags):
         assert data["distributed.world_size"] == "2"
         assert data["distributed.backend"] == "gloo"
-    each_epoch_once(run_id, TRAIN["epochs"])
-    client = MlflowClient()
-    models = client.search_logged_models([run.info.experiment_id])
-    assert len(models) == 1 and models[0].source_run_id == run_id
+    client = store(dest)
+    each_epoch_once(run.info.run_id, TRAIN["epochs"], client)
+    models = [m for m in client.search_logged_models([run.info.experiment_id])
+              if m.source_run_id == run.info.run_id]
+    assert len(models) == 1
     # the logged model is the trained plain module: the same answers as models/model.pt
     from reprolab.models import load_checkpoint
 
-    logged, _, _ = registry.load_classifier(run.data.tags[tags.MODEL_URI])
-    model, _ = load_checkpoint(cfg.model_file)
-    x = load_split(cfg.processed_dir, "val").x[:16].float()
+    session_store = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{dest / 'mlflow.db'}")
+    try:
+        logged = registry.load_classifier(run.data.tags[tags.MODEL_URI])
+    finally:
+        mlflow.set_tracking_uri(session_store)
+    model, _ = load_checkpoint(dest / "models" / "model.pt")
+    x = load_split(dest / "data" / "processed", "val").x[:16].float()
     with torch.no_grad():
-        assert torch.allclose(logged(x), with_probabilities(model.eval())(x), atol=1e-6)
+        assert torch.allclose(logged[0](x), with_probabilities(model.eval())(x), atol=1e-6)
     # one process and two log the same kind of model: the same signature, the same flavor
     alone = registry.load_classifier(one_process[1].model_uri)
-    assert alone[1:] == registry.load_classifier(run.data.tags[tags.MODEL_URI])[1:]
+    assert alone[1:] == logged[1:]
 
 
 def _rank_pid(launcher_pid: int, rank: int) -> int | None:
@@ -169,8 +202,11 @@ def _checkpoint_epoch(cfg) -> int:
         return 0
 
 
-def test_kill_of_rank_1_mid_epoch_then_rerun_resumes_and_finishes(two_ranks, tmp_path_factory,
-                                                                  processed_once):
+@pytest.fixture(scope="module")
+def killed_then_rerun(tmp_path_factory, processed_once):
+    """`reprolab train` (2 ranks) whose rank 1 is killed -9 in epoch 2, a second trainer started
+    while the ranks are frozen, then a rerun. -> (cfg, first, its stderr, second, the
+    checkpoint the kill left with the run's status then, the rerun)."""
     cfg = project(tmp_path_factory.mktemp("kill"), processed_once,
                   "tracking.experiment=ddp-kill")
     first = subprocess.Popen(launcher(cfg, "tracking.experiment=ddp-kill"), cwd=cfg.base_dir,
@@ -192,32 +228,36 @@ def test_kill_of_rank_1_mid_epoch_then_rerun_resumes_and_finishes(two_ranks, tmp
         _, err = first.communicate(timeout=120)
     finally:
         first.kill()
+    state = torch.load(cfg.checkpoint_file, weights_only=True) if first.returncode == 1 else {}
+    if state:  # how the kill left the run, before the rerun resumes it
+        state["status"] = MlflowClient().get_run(state["run_id"]).info.status
+    again = subprocess.run(launcher(cfg, "tracking.experiment=ddp-kill"), cwd=cfg.base_dir,
+                           capture_output=True, text=True, timeout=300)
+    return cfg, first, err, second, state, again
+
+
+def test_kill_of_rank_1_mid_epoch_then_rerun_resumes_and_finishes(killed_then_rerun):
+    cfg, first, err, second, state, again = killed_then_rerun
     assert second.returncode == 2, second.stderr
     (refused,) = second.stderr.strip().splitlines()
     assert refused.startswith("reprolab train: error: another `reprolab train` (pid "
                               f"{first.pid}) is training this project"), refused
     assert first.returncode == 1, err[-3000:]
     assert "error: rank 1 failed, killed by SIGKILL" in err.strip().splitlines()[-1]
-    state = torch.load(cfg.checkpoint_file, weights_only=True)
     assert 1 <= state["epoch"] < TRAIN["epochs"]
-    assert MlflowClient().get_run(state["run_id"]).info.status in ("FAILED", "KILLED")
+    assert state["status"] in ("FAILED", "KILLED")
 
-    again = subprocess.run(launcher(cfg, "tracking.experiment=ddp-kill"), cwd=cfg.base_dir,
-                           capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.split()[2] == state["run_id"]  # the same run, resumed
     assert [r.info.status for r in experiment_runs("ddp-kill")] == ["FINISHED"]
     each_epoch_once(state["run_id"], TRAIN["epochs"])
     assert not cfg.checkpoint_file.exists()
-    expected, got = weights(two_ranks[0].models_dir), weights(cfg.models_dir)
-    for key in expected:  # bitwise: the same ranks, the same order of every sum
-        assert torch.equal(expected[key], got[key]), key
 
 
-def test_torchrun_max_restarts_resumes_after_a_killed_rank(two_ranks, tmp_path_factory,
-                                                           processed_once):
-    """torchrun restarts all ranks after rank 1's kill -9; they resume from the checkpoint into
-    the same run (each restart gets its own part of torchrun's store: see start_distributed)."""
+@pytest.fixture(scope="module")
+def restarted(tmp_path_factory, processed_once):
+    """torchrun itself with --max-restarts=1, rank 1 killed -9 in epoch 2. -> (cfg, torchrun,
+    its stdout, its stderr)."""
     cfg = project(tmp_path_factory.mktemp("restart"), processed_once,
                   "tracking.experiment=ddp-restart")
     proc = subprocess.Popen(
@@ -233,14 +273,20 @@ def test_torchrun_max_restarts_resumes_after_a_killed_rank(two_ranks, tmp_path_f
         out, err = proc.communicate(timeout=240)
     finally:
         proc.kill()
+    return cfg, proc, out, err
+
+
+def test_torchrun_max_restarts_resumes_after_a_killed_rank(restarted):
+    """torchrun restarts all ranks after rank 1's kill -9; they resume from the checkpoint into
+    the same run (each restart gets its own part of torchrun's store: see start_distributed)."""
+    _, proc, out, err = restarted
     assert proc.returncode == 0, err[-3000:]
     assert "failed (exitcode: -9) local_rank: 1" in err  # torchrun's own line: it restarted
     (run,) = experiment_runs("ddp-restart")
     assert run.info.status == "FINISHED" and out.split()[2] == run.info.run_id
+    # rank 0 alone printed the run and started it: one run, however many restarts
+    assert out.count("train: run ") == 1
     each_epoch_once(run.info.run_id, TRAIN["epochs"])
-    expected, got = weights(two_ranks[0].models_dir), weights(cfg.models_dir)
-    for key in expected:
-        assert torch.equal(expected[key], got[key]), key
 
 
 def test_diverging_lr_fails_every_rank_within_seconds(tmp_path_factory, processed_once):
@@ -266,38 +312,15 @@ def test_diverging_lr_fails_every_rank_within_seconds(tmp_path_factory, processe
     assert seconds < 120, seconds  # process start-up included; a hung rank would wait 30 min
 
 
-@pytest.fixture(scope="module")
-def repro_two(tmp_path_factory):
-    """`dvc repro` of the whole pipeline with train.processes: 2, in a clone of the project."""
-    dest = git_copy(tmp_path_factory.mktemp("clone"), {
-        "train": {**TRAIN, "processes": 2}, "data": {"augment": AUGMENT},
-        "tune": {"n_trials": 1, "epochs": 1},
-    })
-    if VENV:
-        (dest / ".venv").symlink_to(VENV)
-    return dest, sh(tool("dvc"), "repro", cwd=dest, env=shell_env())
-
-
 @pytest.mark.e2e
-def test_dvc_repro_with_two_processes_runs_the_whole_pipeline(repro_two):
-    dest, first = repro_two
-    for stage in ("fetch", "preprocess", "tune", "train", "evaluate", "register"):
-        assert f"Running stage '{stage}'" in first.stdout
-    for rel in ("models/model.pt", "reports/evaluate/metrics.json",
-                "reports/register/decision.json"):
-        assert (dest / rel).is_file(), rel
-    client = MlflowClient(tracking_uri=f"sqlite:///{dest / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("reprolab")
-    runs = client.search_runs([exp.experiment_id], "params.`distributed.world_size` = '2'")
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert "test/accuracy" in runs[0].data.metrics  # evaluate found the run by its model
-
-
-@pytest.mark.e2e
-def test_two_2_rank_runs_are_bitwise_identical(two_ranks, repro_two):
-    """torchrun itself, and `reprolab train` launching torchrun's launcher under `dvc repro`."""
-    expected, got = weights(two_ranks[0].models_dir), weights(repro_two[0] / "models")
-    for key in expected:
-        assert torch.equal(expected[key], got[key]), key
-    rows = history(repro_two[0] / "reports")
-    assert rows == history(two_ranks[0].report_dir("train").parent)
+def test_every_2_rank_run_ends_bitwise_identical(two_ranks, killed_then_rerun, restarted):
+    """`dvc repro`'s ranks (`reprolab train` launching torchrun's launcher), the rerun after a
+    kill, and torchrun itself restarted after a kill: the same ranks, the same order of every
+    sum, the same weights and history to the bit."""
+    dest = two_ranks[0]
+    expected, rows = weights(dest / "models"), history(dest / "reports")
+    for cfg in (killed_then_rerun[0], restarted[0]):
+        got = weights(cfg.models_dir)
+        for key in expected:
+            assert torch.equal(expected[key], got[key]), (cfg.base_dir.name, key)
+        assert history(cfg.report_dir("train").parent) == rows, cfg.base_dir.name
