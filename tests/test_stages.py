@@ -59,7 +59,7 @@ def test_tune_study_name_changes_with_the_data_and_space(project):
     assert name != space.study_name(project("tune.lr_high=0.2"), meta)
 
 
-def test_train_evaluate_register_on_one_run(project):
+def test_train_evaluate_register_on_one_run(project, monkeypatch):
     cfg = project("tracking.experiment=pipeline-test", "register.model_name=pipeline-test")
     result = train.run(cfg)
 
@@ -135,8 +135,12 @@ def test_train_evaluate_register_on_one_run(project):
     logged = MlflowClient().get_run(result.run_id).data.metrics
     assert logged["test/f1_macro"] == pytest.approx(metrics["f1_macro"])
 
-    # register: version 1 becomes champion; the same run again makes no second version
-    decision = register.run(cfg)
+    # register: version 1 becomes champion; the same run again makes no second version. With
+    # no champion to meet, nothing is scored: the test split is not read (nor torch imported)
+    with monkeypatch.context() as patch:
+        patch.setattr("reprolab.data.load_split",
+                      lambda *_: pytest.fail("a first version read the test split"))
+        decision = register.run(cfg)
     assert (decision["version"], decision["alias"]) == ("1", "champion")
     assert read_json(cfg.report_dir("register") / "decision.json") == decision
     version = MlflowClient().get_model_version_by_alias("pipeline-test", "champion")

@@ -212,13 +212,17 @@ def score_what_the_gate_needs(cfg: Config, name: str, gate: Gate, version: str, 
     from reprolab.metrics import user_metrics
 
     extra = user_metrics(cfg.evaluate.metrics, cfg.base_dir)
-    meta, split = load_meta(cfg.processed_dir), load_split(cfg.processed_dir, "test")
+    meta, split = load_meta(cfg.processed_dir), None
     for _ in range(3):  # each round's scores may move the champion another version meets
         versions = registry.model_versions(name)
         result = replay(versions, gate)
         pairs = [(need.champion, need.version) for need in result.needs]
         if version in result.compared:
             pairs.append((result.compared[version], version))
+        if not pairs:  # no champion met: nothing to score (and no test split to read)
+            return
+        if split is None:
+            split = load_split(cfg.processed_dir, "test")
         adds = rescore.tags_to_add(name, versions, pairs, test, split, meta["classes"], shape,
                                    gate, extra)
         if not adds:
