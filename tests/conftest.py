@@ -33,7 +33,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # Only the order of the run depends on this list.
 LONGEST_FIRST = ("test_e2e.py", "test_team.py", "test_distributed.py", "test_e2e_network.py",
                  "test_study.py", "test_trust.py", "test_memory.py", "test_resume.py",
-                 "test_tune.py", "test_adapt.py", "test_faults.py", "test_docs_examples.py", "test_serving.py")
+                 "test_tune.py", "test_adapt.py", "test_faults.py", "test_docs_examples.py",
+                 "test_serving.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

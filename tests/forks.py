@@ -40,9 +40,12 @@ for line in sys.stdin:
     print(json.dumps(codes), flush=True)
 """
 
-# What a stage imports before its work: each fork starts past it.
+# What a stage imports before its work, and what it imports to read a logged model or an MLflow
+# database store (1.5 s of CPU, paid again by every fork that reads one): each fork starts past
+# them.
 WARM = ["reprolab.cli", "reprolab.train", "reprolab.evaluate", "reprolab.register",
-        "reprolab.promote"]
+        "reprolab.promote", "mlflow.pytorch", "torch.export.pt2_archive",
+        "mlflow.store.tracking.sqlalchemy_store"]
 
 
 class Forks:
