@@ -227,6 +227,36 @@ def test_imagefolder_reads_only_image_extensions_and_lists_the_rest(make_config,
     assert set(IMG_EXTENSIONS) < set(image_extensions())  # torchvision's list, and GIF
 
 
+def test_imagefolder_lists_as_torchvision_does_without_importing_it(tmp_path):
+    """imagefolder.py writes torchvision's rules out (importing torchvision costs a preprocess
+    seconds): its extensions and GIF, any case; class folders sorted, symlinked ones included,
+    hidden ones left out. Here they are held to torchvision's own functions."""
+    import ast
+    import os
+
+    from torchvision.datasets import folder
+
+    from reprolab.data import imagefolder
+
+    assert imagefolder.image_extensions() == (*folder.IMG_EXTENSIONS, ".gif")
+    for name in ("a.PNG", "b.jpeg", "c.gif", "d.txt", "e.png.bak", "f.TIFF", "webp", ".webp"):
+        assert imagefolder.is_image_name(name) == folder.has_file_allowed_extension(
+            name, imagefolder.image_extensions()), name
+    for name in ("b", "a", "C", ".hidden", "with space"):
+        (tmp_path / "root" / name).mkdir(parents=True)
+    (tmp_path / "root" / "file.png").write_bytes(b"")
+    os.symlink(tmp_path / "root" / "a", tmp_path / "root" / "linked")
+    found, _ = folder.find_classes(tmp_path / "root")
+    assert imagefolder.class_names(tmp_path / "root") == [n for n in found if n[0] != "."]
+    # nothing in the module imports torchvision (or torch) any more
+    with open(imagefolder.__file__) as source:
+        tree = ast.parse(source.read())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not {m for m in imported if m and m.split(".")[0] in ("torch", "torchvision")}
+
+
 def test_imagefolder_class_with_too_few_images(make_config, tmp_path):
     make_folder(tmp_path / "images")
     (tmp_path / "images" / "bird").mkdir()
