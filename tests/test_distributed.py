@@ -123,6 +123,17 @@ def one_process(tmp_path_factory, processed_once):
     return cfg, train.run(cfg)
 
 
+def test_train_imports_mlflow_only_where_rank_0_logs():
+    """`reprolab train`'s launcher and the ranks other than 0 log nothing: importing the stage
+    imports no MLflow (1.2 CPU-s and a second of start-up in each such process); rank 0 imports
+    it when it looks for a run to resume."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys\nfrom reprolab import cli, launch, train\n"
+         "print('mlflow' in sys.modules, 'reprolab.tracking' in sys.modules)"],
+        capture_output=True, text=True, check=True)
+    assert probe.stdout.split() == ["False", "False"]
+
+
 @pytest.mark.e2e
 def test_dvc_repro_with_two_processes_runs_the_whole_pipeline(repro_two):
     dest, first = repro_two

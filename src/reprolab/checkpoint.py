@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from reprolab import tracking
 from reprolab.config import Config
 from reprolab.engine import FitResult, Hyper, fit
 from reprolab.files import atomic_path
@@ -73,6 +72,8 @@ def resume_state(path: Path, state: dict[str, Any] | None, identity: str) -> dic
         return None
     if state.get("identity") != identity:
         log.info("ignoring checkpoint %s: it was written by a different config", path)
+        from reprolab import tracking  # rank 0 alone imports MLflow
+
         if state.get("run_id") and tracking.end_run_by_id(state["run_id"], "KILLED"):
             log.info("ended its run %s KILLED", state["run_id"])
         return None
@@ -98,6 +99,8 @@ def log_missing_epochs(run_id: str, history: list[dict[str, float]]) -> None:
     """Log the checkpoint's metrics (each epoch's, each metric's) that the run lacks."""
     if not history:
         return
+    from reprolab import tracking  # rank 0 alone imports MLflow
+
     have = tracking.logged_steps(run_id, list(epoch_metrics(history[0])))
     missing = [{"epoch": row["epoch"], **{k: v for k, v in epoch_metrics(row).items()
                                           if row["epoch"] not in have[k]}} for row in history]
@@ -157,6 +160,8 @@ class Checkpointer:
         `tags`, in one call. While another error ends training, a failure here (the store, which
         that error most likely names already) is only logged at INFO; the checkpoint holds the
         epochs and the rerun logs them (log_missing_epochs)."""
+        from reprolab import tracking  # rank 0 alone imports MLflow
+
         try:
             tracking.log_epochs([row for row in history if row["epoch"] > self.logged], tags)
         except Exception as exc:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from reprolab import lineage, notes, tracking
+from reprolab import lineage, notes
 from reprolab import tags as tag
 from reprolab.checkpoint import (
     Checkpointer,
@@ -142,6 +142,8 @@ def train_locked(cfg: Config, device: torch.device, progress: bool) -> TrainResu
 
 def find_resume(cfg: Config, identity: str) -> dict[str, Any] | None:
     """Rank 0: the checkpoint to resume (MLflow configured), None to start afresh."""
+    from reprolab import tracking  # rank 0 alone: the others and the launcher never import MLflow
+
     tracking.configure(cfg)
     return resume_state(cfg.checkpoint_file, read_checkpoint(cfg.checkpoint_file), identity)
 
@@ -156,6 +158,8 @@ def recorded(cfg: Config, meta: dict[str, Any], spec: dict[str, Any], model: tor
     if world()[0] != 0:
         yield None, {}
         return
+    from reprolab import tracking
+
     resume_run = resume["run_id"] if resume and tracking.run_exists(resume["run_id"]) else None
     if resume and not resume_run:
         log.info("run %s is not in this MLflow store; starting a new run", resume["run_id"])
@@ -188,6 +192,8 @@ def publish(cfg: Config, spec: dict[str, Any], model: torch.nn.Module, result: F
     """Rank 0, after training: the logged model (the plain module, probabilities out), the DVC
     outputs, and the tags and artifacts that tie them to the run, with the last epochs'
     metrics; -> the model's URI."""
+    from reprolab import tracking
+
     # A rerun after a kill between logging the model and finishing finds it logged already.
     model_uri = tracking.logged_model_uri(run_id) if reuse else None
     if model_uri is None:
