@@ -26,7 +26,7 @@ from reprolab import registry, tags, train
 from reprolab.config import load_config
 from reprolab.data import load_split
 from reprolab.models import with_probabilities
-from test_e2e import VENV, sh, shell_env, tool
+from test_e2e import VENV, sh, shell_env, store, tool
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from harness import git_copy  # noqa: E402
@@ -87,10 +87,6 @@ def each_epoch_once(run_id: str, epochs: int, client: MlflowClient | None = None
 def experiment_runs(name: str) -> list:
     exp = MlflowClient().get_experiment_by_name(name)
     return MlflowClient().search_runs([exp.experiment_id]) if exp else []
-
-
-def store(dest: Path) -> MlflowClient:
-    return MlflowClient(tracking_uri=f"sqlite:///{dest / 'mlflow.db'}")
 
 
 @pytest.fixture(scope="module")
