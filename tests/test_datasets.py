@@ -277,6 +277,20 @@ def test_imagefolder_needs_its_folder(make_config, tmp_path):
         fetch.run(cfg)
 
 
+
+def test_a_relative_image_folder_is_read_from_the_project_whatever_the_cwd(
+        make_config, tmp_path, monkeypatch):
+    """As every path in params.yaml: `reprolab fetch --params elsewhere/params.yaml` and the
+    stages called in-process read the project's photos/, not the current directory's."""
+    make_folder(tmp_path / "photos")
+    (tmp_path / "elsewhere" / "photos").mkdir(parents=True)  # an empty namesake in the cwd
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    cfg = make_config("data.dataset=imagefolder", "data.image_folder=photos",
+                      "data.image_size=8", "data.val_fraction=0.25", "data.test_fraction=0.25")
+    fetch.run(cfg)
+    assert sum(preprocess.run(cfg)["sizes"].values()) == 32
+    assert cfg.source.name == "imagefolder-photos"  # named as written
+
 def _whole_pipeline(cfg):
     from reprolab import evaluate, register, train, tune
 

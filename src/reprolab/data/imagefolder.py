@@ -65,11 +65,13 @@ def open_regular(path: Path, follow: bool = True) -> BinaryIO:
     return fh
 
 
-def fetch(source: str | None, dest: Path, skip_bad: bool) -> dict[str, str]:
-    """Copy the folder's own files into `dest` -> {entry left out (relative path): why}."""
+def fetch(source: str | None, dest: Path, skip_bad: bool,
+          base_dir: Path | None = None) -> dict[str, str]:
+    """Copy the folder's own files into `dest` -> {entry left out (relative path): why}. A
+    relative `source` is read from `base_dir` (the project's folder), wherever the process runs."""
     if not source:
         raise ConfigError("data.image_folder: required when data.dataset is 'imagefolder'")
-    src = Path(source).expanduser()
+    src = Path(base_dir or ".") / Path(source).expanduser()
     if not src.is_dir():
         raise ConfigError(f"data.image_folder = {source!r}: not a directory")
     root = src.resolve()  # the folder itself may be a symlink; what it holds may not leave it

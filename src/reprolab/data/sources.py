@@ -117,19 +117,19 @@ class ImageFolder:
     """A folder of your own images (data.image_folder): one subfolder per class, or its own
     split folders train/, val/ (and test/), each with one subfolder per class."""
 
-    def __init__(self, folder: str | None):
+    def __init__(self, folder: str | None, base_dir: Path | None = None):
         from reprolab.data.imagefolder import slug
 
         if not folder:
             raise ConfigError("data.image_folder: required when data.dataset is 'imagefolder' "
                               "(a folder with one subfolder of images per class)")
-        self.folder = folder
+        self.folder, self.base_dir = folder, base_dir
         self.name = f"imagefolder-{slug(folder)}"
 
     def fetch(self, dest: Path, options: Options) -> dict[str, str]:
         from reprolab.data import imagefolder
 
-        return imagefolder.fetch(self.folder, dest, options.skip_bad_images)
+        return imagefolder.fetch(self.folder, dest, options.skip_bad_images, self.base_dir)
 
     def read(self, raw: Path, options: Options) -> Images:
         from reprolab.data import imagefolder
@@ -140,12 +140,13 @@ class ImageFolder:
         return Images(classes, splits, skipped, ignored)
 
 
-# data.dataset -> the source, from the data section; one entry per built-in dataset
-BUILTIN: dict[str, Callable[[Any], Any]] = {
-    "digits": lambda data: Digits(),
-    **{name: (lambda data, name=name: TorchvisionSet(name))
+# data.dataset -> the source, from the data section and the project's folder (a relative
+# data.image_folder is read from there, as every path of params.yaml); one entry per built-in
+BUILTIN: dict[str, Callable[[Any, Path | None], Any]] = {
+    "digits": lambda data, base_dir: Digits(),
+    **{name: (lambda data, base_dir, name=name: TorchvisionSet(name))
        for name in ("mnist", "fashion_mnist", "kmnist", "cifar10", "cifar100")},
-    "imagefolder": lambda data: ImageFolder(data.image_folder),
+    "imagefolder": lambda data, base_dir: ImageFolder(data.image_folder, base_dir),
 }
 ALLOWED = (f"a built-in dataset ({', '.join(BUILTIN)}), or package.module:Class (your own "
            "source, as sources/example.py)")
@@ -159,7 +160,7 @@ def make(data: Any, base_dir: Path | None) -> Source:
         if data.kwargs:
             raise ConfigError(f"data.kwargs = {data.kwargs}: only a source of your own takes "
                               f"them (data.dataset = {data.dataset!r}); allowed: {{}}")
-        return BUILTIN[data.dataset](data)
+        return BUILTIN[data.dataset](data, base_dir)
     key = f"data.dataset = {data.dataset!r}"
     cls = load_object(data.dataset, base_dir, "data.dataset", ALLOWED)
     try:
