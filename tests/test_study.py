@@ -293,7 +293,7 @@ def test_a_space_where_every_trial_diverges_ends_with_one_error(project, max_fai
     assert not cfg.best_params_file.exists()
 
 
-def _kill_a_spawned_worker(cfg, killed: list[int]) -> None:
+def _kill_a_local_worker(cfg, killed: list[int]) -> None:
     """Kill -9 the first worker process other than this one seen inside a trial."""
     from optuna.trial import TrialState
 
@@ -318,7 +318,7 @@ def test_a_dead_local_worker_costs_only_its_trial(project, caplog):
     cfg = project(f"tracking.experiment={experiment}", "tune.workers=2", "tune.n_trials=5",
                   *SLOW_TRIALS)
     killed: list[int] = []
-    killer = threading.Thread(target=_kill_a_spawned_worker, args=(cfg, killed), daemon=True)
+    killer = threading.Thread(target=_kill_a_local_worker, args=(cfg, killed), daemon=True)
     killer.start()
     summary = tune.run(cfg)  # returns: the stage exits 0
     killer.join()
@@ -495,6 +495,39 @@ def test_a_stop_of_tune_ends_in_time_when_the_store_does_not_answer(project, mlf
     mechanics.fail_lost_trials(study, journal)  # what the next `reprolab tune` does first
     assert not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     _assert_no_run_left_running(experiment)  # the trials' runs and the stage's parent run
+
+
+@pytest.mark.slow
+def test_a_kill_9_of_tune_stops_its_local_worker_by_itself(project):
+    """docs/tuning.md: a local worker whose stage process is killed -9 stops by itself, as on
+    SIGTERM: its trial FAIL, its run KILLED. Its parent is multiprocessing's forkserver, which
+    outlives the stage while a worker holds it, so the worker watches the stage itself; then the
+    server ends too, and nothing of the stage's session is left running."""
+    from optuna.trial import TrialState
+
+    experiment = "study-kill-9-stage"
+    overrides = [f"tracking.experiment={experiment}", *SIGTERM_TUNE]
+    cfg = project(*overrides)
+    proc, workers = _tune_in_trials(cfg, overrides)
+    try:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        (worker,) = workers - {proc.pid}
+        _await_gone({worker})
+        deadline = time.monotonic() + 30
+        while True:  # the forkserver and the resource tracker too: the session is empty
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            assert time.monotonic() < deadline, "processes of the stage's session outlived it"
+            time.sleep(0.05)
+    finally:
+        _kill_group(proc)
+    trials = _study(cfg).get_trials(deepcopy=False)
+    (its,) = [t for t in trials if t.user_attrs["worker"].endswith(f":{worker}")
+              and t.state != TrialState.COMPLETE and t.state != TrialState.PRUNED]
+    assert its.state == TrialState.FAIL and _status(its.user_attrs[RUN]) == "KILLED"
 
 
 # ---- the journal ----

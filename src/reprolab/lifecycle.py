@@ -88,10 +88,12 @@ def pid_alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
-def exit_with_parent() -> None:
-    """This process stops (as on SIGTERM) once the process that started it is gone, even after
-    a kill -9 of it: a spawned tuning worker, or a rank that torchrun started in a session of
-    its own, would otherwise go on as an orphan."""
+def exit_with_parent(pid: int | None = None) -> None:
+    """This process stops (as on SIGTERM) once `pid` is gone, by default the process that
+    started it, even after a kill -9 of it: a rank that torchrun started in a session of its
+    own, or a local tuning worker (`pid`: its stage; a fork of multiprocessing's forkserver,
+    whose server outlives the stage while a worker holds it), would otherwise go on as an
+    orphan."""
     import signal
     import threading
     import time
@@ -99,8 +101,21 @@ def exit_with_parent() -> None:
     parent = os.getppid()
 
     def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1)
+        if pid is None:
+            while os.getppid() == parent:
+                time.sleep(1)
+        elif hasattr(os, "pidfd_open"):  # Linux
+            try:  # readable once the process has ended (a zombie included); no pid reuse
+                ended = os.pidfd_open(pid)
+            except ProcessLookupError:
+                pass
+            else:
+                import select
+
+                select.select([ended], [], [])
+        else:
+            while pid_alive(pid):
+                time.sleep(1)
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()

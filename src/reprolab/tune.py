@@ -176,16 +176,17 @@ def too_many_failures(cfg: Config, name: str, failed: int) -> ReprolabError:
     )
 
 
-def _spawned_worker(params: dict[str, Any], base_dir: str, index: int, parent: str,
-                    level: int, ready: Any) -> None:
-    """Entry point of a local worker process (multiprocessing, spawn)."""
+def _local_worker(params: dict[str, Any], base_dir: str, index: int, parent: str,
+                  level: int, stage: int, ready: Any) -> None:
+    """Entry point of a local worker process (workers.py: a fork of the forkserver), started by
+    the stage's process `stage`, with which it stops."""
     logging.basicConfig(level=level,
                         format=f"%(asctime)s worker {index} %(levelname)s %(name)s: %(message)s")
     # no last garbage collection at exit, as cli.py does for the stage: 1-2 s over objects that
     # die with the process anyway, which a stop of the stage would wait for
     atexit.register(gc.freeze)
     interrupt_on_sigterm(once=True)
-    exit_with_parent()
+    exit_with_parent(stage)
     cfg = Config.model_validate(params)
     cfg._base_dir = Path(base_dir)
     try:
@@ -200,7 +201,7 @@ def run(cfg: Config, progress: bool = False, worker_index: int = 0,
         ready: Any = None) -> dict[str, Any]:
     """The tune stage: with tune.workers > 1 it starts that many workers on this machine (this
     process is worker 0) and writes the outputs when all are done. `parent_run_id` marks a
-    spawned worker (no outputs); `join` an extra worker from anywhere (`--worker`)."""
+    local worker (no outputs); `join` an extra worker from anywhere (`--worker`)."""
     import torch
 
     threads = torch.get_num_threads()
@@ -246,7 +247,7 @@ def _run(cfg: Config, progress: bool, worker_index: int, parent_run_id: str | No
         return run_trials(study, storage, budget, objective, claim, (TrainingDiverged,),
                           owner=owner, progress=progress)
 
-    if parent_run_id is not None:  # a spawned worker: trials only
+    if parent_run_id is not None:  # a local worker: trials only
         ready.put(worker_index)
         work({WORKER: worker_id()}, owner=False)
         return {}
@@ -263,9 +264,9 @@ def _run(cfg: Config, progress: bool, worker_index: int, parent_run_id: str | No
                             | {"tune.study_name": name})
         tracking.set_tags({tag.NOTE: notes.tune(cfg, meta, run_tags, name, knobs)})
         level = logging.getLogger().getEffectiveLevel()
-        args = [(cfg.as_dict(), str(cfg.base_dir), i, parent, level)
+        args = [(cfg.as_dict(), str(cfg.base_dir), i, parent, level, os.getpid())
                 for i in range(worker_index + 1, worker_index + n_local)]
-        with local_workers(_spawned_worker, args) as others:
+        with local_workers(_local_worker, args) as others:
             stopped = work({WORKER: worker_id(), WORKER_RUN: parent}, owner=not join)
         if stopped == "failures":
             raise too_many_failures(cfg, name, count(study).failed)
