@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -72,19 +71,16 @@ def _assert_no_run_left_running(experiment: str) -> None:
     assert not running
 
 
-def _start_worker(cfg, overrides) -> subprocess.Popen:
-    """`reprolab tune --worker` in a process of its own (a session of its own: a test that
-    fails leaves no process behind)."""
-    args = [sys.executable, "-m", "reprolab", "tune", "--worker", "-q",
-            "--params", str(cfg.base_dir / "params.yaml")]
+def _start_worker(forks, cfg, overrides):
+    """`reprolab tune --worker` in a process of its own (a fork: tests/forks.py; in a session of
+    its own: a test that fails leaves no process behind)."""
+    args = ["tune", "--worker", "-q", "--params", cfg.base_dir / "params.yaml"]
     for item in [*TINY, *overrides]:
         args += ["-S", item]
-    return subprocess.Popen(args, cwd=cfg.base_dir, env=dict(os.environ), text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    return forks.reprolab(args, cfg.base_dir, new_session=True)
 
 
-def _await_trial_of(cfg, proc: subprocess.Popen, storage, patience_s: float = 120) -> int:
+def _await_trial_of(cfg, proc, storage, patience_s: float = 120) -> int:
     """-> the number of the first trial that `proc` runs, once it is inside it."""
     from optuna.trial import TrialState
 
@@ -104,13 +100,13 @@ def _await_trial_of(cfg, proc: subprocess.Popen, storage, patience_s: float = 12
     raise AssertionError("the worker never started a trial")
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _kill_group(proc) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
 
-def _workers_test(project, experiment, storage_overrides):
+def _workers_test(project, forks, experiment, storage_overrides):
     overrides = [f"tracking.experiment={experiment}", "tune.workers=2", "tune.n_trials=5",
                  *SLOW_TRIALS, *storage_overrides]
     cfg = project(*overrides)
@@ -127,7 +123,7 @@ def _workers_test(project, experiment, storage_overrides):
     # is still RUNNING: it must wait for it to be failed, run what is missing, and end the
     # dead worker's runs.
     more = [*overrides, "tune.n_trials=6", "tune.workers=1"]
-    proc = _start_worker(cfg, more)
+    proc = _start_worker(forks, cfg, more)
     try:
         killed = _await_trial_of(cfg, proc, _storage(cfg))
         os.kill(proc.pid, signal.SIGKILL)
@@ -144,8 +140,8 @@ def _workers_test(project, experiment, storage_overrides):
     return trials, killed
 
 
-def test_two_workers_on_the_journal(project):
-    _workers_test(project, "study-journal", [])
+def test_two_workers_on_the_journal(project, forks):
+    _workers_test(project, forks, "study-journal", [])
 
 
 @pytest.fixture
@@ -163,8 +159,8 @@ def postgres_url():
         admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 
-def test_two_workers_on_postgresql(project, postgres_url):
-    trials, killed = _workers_test(project, "study-postgresql",
+def test_two_workers_on_postgresql(project, postgres_url, forks):
+    trials, killed = _workers_test(project, forks, "study-postgresql",
                                    [f"tune.storage={postgres_url}", "tune.heartbeat_s=1"])
     # the heartbeat failed the trial and queued it again; the stage's process ran the retry
     (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == killed]
@@ -244,7 +240,7 @@ def _continue_once_failed(cfg, proc, number: int, storage, timeout: float = 120)
 
 @pytest.mark.slow
 def test_a_stopped_worker_goes_on_after_its_trial_was_retried(project, postgres_url,
-                                                              mlflow_store):
+                                                              mlflow_store, forks):
     """SIGSTOP of a `--worker` training a trial, SIGCONT once its heartbeat went stale and the
     trial was failed (heartbeat 1 s, failed after 3 s): the stage's process retries and finishes
     the budget; the resumed worker finds its trial failed, leaves it so and ends cleanly."""
@@ -252,7 +248,7 @@ def test_a_stopped_worker_goes_on_after_its_trial_was_retried(project, postgres_
                  "tracking.experiment=study-sigstop", *SLOW_TRIALS]
     cfg = project(*overrides)
     storage = _storage(cfg)
-    proc = _start_worker(cfg, overrides)
+    proc = _start_worker(forks, cfg, overrides)
     try:
         stopped = _await_trial_of(cfg, proc, storage)
         _await_training(cfg, stopped, storage)
@@ -351,22 +347,21 @@ def _await_gone(pids: set[int], patience_s: float = 30) -> None:
         time.sleep(0.05)
 
 
-def _tune_in_trials(cfg, overrides) -> tuple[subprocess.Popen, set[int]]:
-    """`reprolab tune` (2 workers) in a session of its own, once both of its processes are inside
-    a trial whose MLflow run has started -> (the process, the pids of both)."""
+def _tune_in_trials(forks, cfg, overrides):
+    """`reprolab tune` (2 workers) in a session of its own (a fork: tests/forks.py), once both of
+    its processes are inside a trial whose MLflow run has started -> (the process, the pids of
+    both)."""
     from optuna.trial import TrialState
 
-    args = [sys.executable, "-m", "reprolab", "tune", "-q",
-            "--params", str(cfg.base_dir / "params.yaml")]
+    args = ["tune", "-q", "--params", cfg.base_dir / "params.yaml"]
     for item in [*TINY, *overrides]:
         args += ["-S", item]
     storage = _storage(cfg)
-    proc = subprocess.Popen(args, cwd=cfg.base_dir, env=dict(os.environ), text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    proc = forks.reprolab(args, cfg.base_dir, new_session=True)
     deadline, workers = time.monotonic() + 120, set()
     while len(workers) < 2:
-        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline and proc.poll() is None, \
+            proc.communicate()[1][-3000:]
         time.sleep(0.1)
         try:
             running = _study(cfg, storage).get_trials(deepcopy=False,
@@ -418,14 +413,15 @@ def _await_delivered(pid: int, signum: int) -> None:
 SIGTERM_TUNE = ["tune.workers=2", "tune.n_trials=30", *SLOW_TRIALS]
 
 
-def _sigterm_in_a_locked_store(project, mlflow_store, experiment: str, held: bool):
-    """`reprolab tune` with a spawned worker, in trials; SIGTERM to the stage while another
+def _sigterm_in_a_locked_store(project, forks, mlflow_store, experiment: str,
+                               held: bool):
+    """`reprolab tune` with a local worker, in trials; SIGTERM to the stage while another
     process holds the MLflow store's write lock, released once the signal is delivered (held
     False) or kept until the stage and its worker are gone (held True). -> (config, process,
     its stderr, seconds from the signal to its exit)."""
     overrides = [f"tracking.experiment={experiment}", *SIGTERM_TUNE]
     cfg = project(*overrides)
-    proc, workers = _tune_in_trials(cfg, overrides)
+    proc, workers = _tune_in_trials(forks, cfg, overrides)
     try:
         with _store_locked(mlflow_store, workers):
             started = time.monotonic()
@@ -445,7 +441,8 @@ def _sigterm_in_a_locked_store(project, mlflow_store, experiment: str, held: boo
 
 
 @pytest.mark.slow
-def test_sigterm_of_tune_ends_its_runs_killed_and_stops_its_workers(project, mlflow_store):
+def test_sigterm_of_tune_ends_its_runs_killed_and_stops_its_workers(project, mlflow_store,
+                                                                   forks):
     """SIGTERM while both processes wait on the MLflow store's lock: each write resumes once the
     lock goes, and the interrupt lands inside it. The stop then ends the runs KILLED and the
     trials FAIL at once: the interrupted write's lock (which the process keeps while its
@@ -454,8 +451,8 @@ def test_sigterm_of_tune_ends_its_runs_killed_and_stops_its_workers(project, mlf
     from optuna.trial import TrialState
 
     experiment = "study-sigterm"
-    cfg, proc, err, stopped_in = _sigterm_in_a_locked_store(project, mlflow_store, experiment,
-                                                            held=False)
+    cfg, proc, err, stopped_in = _sigterm_in_a_locked_store(project, forks, mlflow_store,
+                                                            experiment, held=False)
     assert proc.returncode == 130, err[-3000:]
     assert stopped_in < mechanics.STOP_S, err[-3000:]
     assert "database is locked" not in err and "Traceback" not in err, err
@@ -474,15 +471,16 @@ def test_sigterm_of_tune_ends_its_runs_killed_and_stops_its_workers(project, mlf
 
 
 @pytest.mark.slow
-def test_a_stop_of_tune_ends_in_time_when_the_store_does_not_answer(project, mlflow_store):
+def test_a_stop_of_tune_ends_in_time_when_the_store_does_not_answer(project, mlflow_store,
+                                                                   forks):
     """SIGTERM while the MLflow store stays locked (a process stopped inside a write): the stage
     and its worker exit within STOP_S, saying what they leave in one line; what they left
     RUNNING is what the next `reprolab tune` fails first (fail_lost_trials)."""
     from optuna.trial import TrialState
 
     experiment = "study-sigterm-locked"
-    cfg, proc, err, stopped_in = _sigterm_in_a_locked_store(project, mlflow_store, experiment,
-                                                            held=True)
+    cfg, proc, err, stopped_in = _sigterm_in_a_locked_store(project, forks, mlflow_store,
+                                                            experiment, held=True)
     assert proc.returncode == 130, err[-3000:]
     assert stopped_in < mechanics.STOP_S + 5  # the bound, and the kills and exit after it
     (line,) = [line for line in err.splitlines() if "after the signal" in line]
@@ -498,7 +496,7 @@ def test_a_stop_of_tune_ends_in_time_when_the_store_does_not_answer(project, mlf
 
 
 @pytest.mark.slow
-def test_a_kill_9_of_tune_stops_its_local_worker_by_itself(project):
+def test_a_kill_9_of_tune_stops_its_local_worker_by_itself(project, forks):
     """docs/tuning.md: a local worker whose stage process is killed -9 stops by itself, as on
     SIGTERM: its trial FAIL, its run KILLED. Its parent is multiprocessing's forkserver, which
     outlives the stage while a worker holds it, so the worker watches the stage itself; then the
@@ -508,7 +506,7 @@ def test_a_kill_9_of_tune_stops_its_local_worker_by_itself(project):
     experiment = "study-kill-9-stage"
     overrides = [f"tracking.experiment={experiment}", *SIGTERM_TUNE]
     cfg = project(*overrides)
-    proc, workers = _tune_in_trials(cfg, overrides)
+    proc, workers = _tune_in_trials(forks, cfg, overrides)
     try:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
