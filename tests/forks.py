@@ -95,8 +95,13 @@ class Fork:
         if self.poll() is None:
             os.kill(self.pid, 9)
 
-    def result(self) -> subprocess.CompletedProcess:
-        out, err = self.communicate()
+    def result(self, timeout: float | None = None) -> subprocess.CompletedProcess:
+        """As subprocess.run: killed when it outlives `timeout`."""
+        try:
+            out, err = self.communicate(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
         return subprocess.CompletedProcess(self.args, self.returncode, out, err)
 
 

@@ -64,8 +64,9 @@ def train_args(cfg, *more: str) -> list[str]:
 
 
 def launcher(cfg, *more: str) -> list[str]:
-    """`reprolab train` with train.processes: 2, which starts torchrun's launcher itself."""
-    return [sys.executable, "-m", "reprolab", *train_args(cfg, "train.processes=2", *more)]
+    """`reprolab train` with train.processes: 2, which starts torchrun's launcher itself (the
+    arguments of `python -m reprolab`, run as a fork: tests/forks.py)."""
+    return train_args(cfg, "train.processes=2", *more)
 
 
 def weights(models: Path) -> dict[str, torch.Tensor]:
@@ -210,14 +211,13 @@ def _checkpoint_epoch(cfg) -> int:
 
 
 @pytest.fixture(scope="module")
-def killed_then_rerun(tmp_path_factory, processed_once):
+def killed_then_rerun(tmp_path_factory, processed_once, forks):
     """`reprolab train` (2 ranks) whose rank 1 is killed -9 in epoch 2, a second trainer started
     while the ranks are frozen, then a rerun. -> (cfg, first, its stderr, second, the
     checkpoint the kill left with the run's status then, the rerun)."""
     cfg = project(tmp_path_factory.mktemp("kill"), processed_once,
                   "tracking.experiment=ddp-kill")
-    first = subprocess.Popen(launcher(cfg, "tracking.experiment=ddp-kill"), cwd=cfg.base_dir,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = forks.reprolab(launcher(cfg, "tracking.experiment=ddp-kill"), cfg.base_dir)
     try:
         deadline = time.monotonic() + 180
         while _checkpoint_epoch(cfg) < 1 and first.poll() is None:
@@ -226,9 +226,8 @@ def killed_then_rerun(tmp_path_factory, processed_once):
         ranks = [_rank_pid(first.pid, rank) for rank in (0, 1)]
         for pid in ranks:  # frozen in epoch 2: a second trainer meets the launcher's lock
             os.kill(pid, signal.SIGSTOP)
-        second = subprocess.run([sys.executable, "-m", "reprolab",
-                                 *train_args(cfg, "tracking.experiment=ddp-kill")],
-                                cwd=cfg.base_dir, capture_output=True, text=True, timeout=120)
+        second = forks.reprolab(train_args(cfg, "tracking.experiment=ddp-kill"),
+                                cfg.base_dir).result(timeout=120)
         for pid in ranks:
             os.kill(pid, signal.SIGCONT)
         os.kill(ranks[1], signal.SIGKILL)  # rank 1, in the middle of epoch 2
@@ -238,8 +237,8 @@ def killed_then_rerun(tmp_path_factory, processed_once):
     state = torch.load(cfg.checkpoint_file, weights_only=True) if first.returncode == 1 else {}
     if state:  # how the kill left the run, before the rerun resumes it
         state["status"] = MlflowClient().get_run(state["run_id"]).info.status
-    again = subprocess.run(launcher(cfg, "tracking.experiment=ddp-kill"), cwd=cfg.base_dir,
-                           capture_output=True, text=True, timeout=300)
+    again = forks.reprolab(launcher(cfg, "tracking.experiment=ddp-kill"),
+                           cfg.base_dir).result(timeout=300)
     return cfg, first, err, second, state, again
 
 
@@ -262,15 +261,15 @@ def test_kill_of_rank_1_mid_epoch_then_rerun_resumes_and_finishes(killed_then_re
 
 
 @pytest.fixture(scope="module")
-def restarted(tmp_path_factory, processed_once):
+def restarted(tmp_path_factory, processed_once, forks):
     """torchrun itself with --max-restarts=1, rank 1 killed -9 in epoch 2. -> (cfg, torchrun,
     its stdout, its stderr)."""
     cfg = project(tmp_path_factory.mktemp("restart"), processed_once,
                   "tracking.experiment=ddp-restart")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         "--max-restarts=1", "-m", "reprolab", *train_args(cfg, "tracking.experiment=ddp-restart")],
-        cwd=cfg.base_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = forks.start(  # `python -m torch.distributed.run ...`
+        "from torch.distributed.run import main\nmain()\n",
+        ["--standalone", "--nproc-per-node=2", "--max-restarts=1", "-m", "reprolab",
+         *train_args(cfg, "tracking.experiment=ddp-restart")], cfg.base_dir)
     try:
         deadline = time.monotonic() + 180
         while _checkpoint_epoch(cfg) < 1 and proc.poll() is None:
@@ -296,12 +295,12 @@ def test_torchrun_max_restarts_resumes_after_a_killed_rank(restarted):
     each_epoch_once(run.info.run_id, TRAIN["epochs"])
 
 
-def test_diverging_lr_fails_every_rank_within_seconds(tmp_path_factory, processed_once):
+def test_diverging_lr_fails_every_rank_within_seconds(tmp_path_factory, processed_once,
+                                                      forks):
     more = ("tracking.experiment=ddp-diverge", "train.optimizer=sgd", "train.lr=1e6")
     cfg = project(tmp_path_factory.mktemp("diverge"), processed_once, *more)
     started = time.monotonic()
-    proc = subprocess.run(launcher(cfg, *more), cwd=cfg.base_dir, capture_output=True,
-                          text=True, timeout=300)
+    proc = forks.reprolab(launcher(cfg, *more), cfg.base_dir).result(timeout=300)
     seconds = time.monotonic() - started
     assert proc.returncode == 1, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
