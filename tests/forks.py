@@ -119,18 +119,20 @@ class Forks:
         assert answer, "the fork server ended"
         return json.loads(answer)
 
-    def start(self, code: str, argv: Sequence[object], cwd: Path,
-              new_session: bool = False) -> Fork:
-        """`python -c code *argv` in cwd, with this process's environment as it is now."""
+    def start(self, code: str, argv: Sequence[object], cwd: Path, new_session: bool = False,
+              env: dict[str, str] | None = None) -> Fork:
+        """`python -c code *argv` in cwd, with `env` (this process's environment as it is now)."""
         self.count += 1
         log = str(self.logs / f"fork-{self.count}")
         argv = [str(a) for a in argv]
-        pid = self.ask(["start", code, argv, str(cwd), dict(os.environ), log, new_session])
+        env = dict(os.environ) if env is None else env
+        pid = self.ask(["start", code, argv, str(cwd), env, log, new_session])
         return Fork(self, pid, ["python", "-c", "...", *argv], log)
 
-    def reprolab(self, argv: Sequence[object], cwd: Path, new_session: bool = False) -> Fork:
+    def reprolab(self, argv: Sequence[object], cwd: Path, new_session: bool = False,
+                 env: dict[str, str] | None = None) -> Fork:
         """`python -m reprolab ARGV` in cwd."""
-        return self.start(CLI, argv, cwd, new_session)
+        return self.start(CLI, argv, cwd, new_session, env)
 
     def run(self, *jobs: tuple[str, Sequence[object], Path]) -> list[subprocess.CompletedProcess]:
         """Start every (code, argv, cwd) at once; -> each one's result once all have ended."""

@@ -461,7 +461,8 @@ def test_a_read_only_store_is_one_line(project, capsys, monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_vanished_tracking_server_is_one_line_and_the_rerun_resumes(project, tmp_path):
+def test_a_vanished_tracking_server_is_one_line_and_the_rerun_resumes(project, tmp_path,
+                                                                     forks):
     """The team's server goes away mid-training: train ends with one line naming it; with the
     server back, the rerun resumes the same run and logs every epoch exactly once."""
     import os
@@ -479,18 +480,16 @@ def test_a_vanished_tracking_server_is_one_line_and_the_rerun_resumes(project, t
     env_uri = os.environ["MLFLOW_TRACKING_URI"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
            "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-    args = [sys.executable, "-m", "reprolab", "train", "-q", "--params",
-            str(cfg.base_dir / "params.yaml")]
+    args = ["train", "-q", "--params", cfg.base_dir / "params.yaml"]
     for item in (*TINY, *overrides):
         args += ["-S", item]
 
     server = serve(server_args, port, dict(os.environ), "/health")
     try:
-        proc = subprocess.Popen(args, cwd=cfg.base_dir, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+        proc = forks.reprolab(args, cfg.base_dir, env=env)
         deadline = time.monotonic() + 120
         while not cfg.checkpoint_file.exists():  # the first epoch is done and logged
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
             time.sleep(0.05)
     finally:
         stop(server)

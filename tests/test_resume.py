@@ -8,8 +8,6 @@ import csv
 import logging
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -89,7 +87,7 @@ class _SigtermOnLog(logging.Handler):
         self.thread.join()
 
 
-def test_sigterm_then_kill_9_then_resume_is_bitwise_identical(project, capsys):
+def test_sigterm_then_kill_9_then_resume_is_bitwise_identical(project, capsys, forks):
     overrides = [*TINY, "tracking.experiment=resume-test", *SLOW]
     cfg = project(*overrides[len(TINY):])
     args = ["train", "--params", str(cfg.base_dir / "params.yaml")]
@@ -117,9 +115,7 @@ def test_sigterm_then_kill_9_then_resume_is_bitwise_identical(project, capsys):
 
     # kill -9 of a resumed run in another process, checkpointing every epoch now (how often is
     # no part of a checkpoint's identity): no chance to clean up
-    proc = subprocess.Popen([sys.executable, "-m", "reprolab", *args, "-q", "-S", EVERY_EPOCH],
-                            cwd=cfg.base_dir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    proc = forks.reprolab([*args, "-q", "-S", EVERY_EPOCH], cfg.base_dir)
     _when_checkpoint(cfg, first + 1, lambda: os.kill(proc.pid, signal.SIGKILL),
                      alive=lambda: proc.poll() is None)
     _, err = proc.communicate()
@@ -269,19 +265,17 @@ def test_a_held_lock_refuses_train_with_the_holders_pid(project):
 
 
 @pytest.mark.slow
-def test_second_trainer_is_refused_while_the_first_finishes(project):
+def test_second_trainer_is_refused_while_the_first_finishes(project, forks):
     """The orphan of a killed `dvc repro` still trains when `dvc repro` runs again."""
     overrides = ["tracking.experiment=orphan", *SLOW, EVERY_EPOCH]
     cfg = project(*overrides)
-    args = [sys.executable, "-m", "reprolab", *_cli_args(cfg, overrides)]
-    first = subprocess.Popen(args, cwd=cfg.base_dir, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    args = _cli_args(cfg, overrides)
+    first = forks.reprolab(args, cfg.base_dir)
     try:
         # Frozen mid-run it keeps its lock, and the second one cannot outrun it.
         _when_checkpoint(cfg, 1, lambda: os.kill(first.pid, signal.SIGSTOP),
                          alive=lambda: first.poll() is None)
-        second = subprocess.run(args, cwd=cfg.base_dir, capture_output=True, text=True,
-                                timeout=120)
+        second = forks.reprolab(args, cfg.base_dir).result(timeout=120)
         assert first.poll() is None
         os.kill(first.pid, signal.SIGCONT)
         out, err = first.communicate(timeout=120)
