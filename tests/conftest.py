@@ -118,6 +118,16 @@ def project(make_config: Callable[..., Config], processed_once: Path) -> Callabl
     return make_config
 
 
+def cli_argv(command: str, root: Path, *overrides: str, quiet: bool = True) -> list[str]:
+    """The arguments of `reprolab <command> -q --params <root>/params.yaml -S ...`, as every
+    test runs a command: in this process (reprolab() below), in a fork (tests/forks.py) or in a
+    process of its own."""
+    argv = [command, *(["-q"] if quiet else []), "--params", str(Path(root) / "params.yaml")]
+    for override in overrides:
+        argv += ["-S", override]
+    return argv
+
+
 def reprolab(capsys: pytest.CaptureFixture[str], root: Path, command: str, *overrides: str,
              args: tuple[str, ...] = ()) -> tuple[int, str, list[str]]:
     """`reprolab <command> -q --params <root>/params.yaml -S ... ARGS` in this process ->
@@ -125,10 +135,7 @@ def reprolab(capsys: pytest.CaptureFixture[str], root: Path, command: str, *over
     from reprolab import cli
 
     capsys.readouterr()
-    argv = [command, "-q", "--params", str(root / "params.yaml")]
-    for override in overrides:
-        argv += ["-S", override]
-    code = cli.main([*argv, *args])
+    code = cli.main([*cli_argv(command, root, *overrides), *args])
     out, err = capsys.readouterr()
     return code, out, err.splitlines()
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import REPO, TINY, one_error, reprolab, training_run_id
+from conftest import REPO, TINY, cli_argv, one_error, reprolab, training_run_id
 from reprolab import evaluate, register, train
 from reprolab.data import Split, load_training_data
 from reprolab.device import seed_everything
@@ -191,11 +191,9 @@ def test_timm_weights_load_from_a_cache_the_test_fills_with_the_hub_off(project,
     weights = timm.create_model("test_resnet", num_classes=1000).state_dict()
     save_file({k: v.contiguous() for k, v in weights.items()}, snapshot / "model.safetensors")
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    args = ["train", "-q", "--params", str(cfg.base_dir / "params.yaml")]
-    for item in (*TINY, "model.name=timm/test_resnet.r160_in1k", "model.kwargs={}",
-                 "model.pretrained=true", "model.input_size=32", "train.epochs=1",
-                 "train.freeze_backbone=true"):
-        args += ["-S", item]
+    args = cli_argv("train", cfg.base_dir, *TINY, "model.name=timm/test_resnet.r160_in1k",
+                    "model.kwargs={}", "model.pretrained=true", "model.input_size=32",
+                    "train.epochs=1", "train.freeze_backbone=true")
     proc = subprocess.run([sys.executable, "-m", "reprolab", *args], cwd=cfg.base_dir, env=env,
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr

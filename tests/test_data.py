@@ -32,6 +32,26 @@ def test_fetch_writes_raw_arrays_and_a_manifest_of_every_file(make_config):
     assert not list(raw.parent.glob(".*.tmp"))  # no temp folder left behind
 
 
+
+def test_digits_are_scikit_learns_without_importing_it():
+    """fetch reads the file load_digits reads, to the same arrays, and imports no scikit-learn
+    (`fetch` runs on every `dvc repro`)."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from reprolab.data import digits
+
+    images, labels = digits.bundled()
+    bunch = load_digits()
+    assert np.array_equal(images, bunch.images) and np.array_equal(labels, bunch.target)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys\nfrom reprolab.data import digits\ndigits.bundled()\n"
+         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'scipy')))"],
+        capture_output=True, text=True, check=True)
+    assert probe.stdout.strip() == "[]"
+
 def test_preprocess_writes_mapped_uint8_splits_with_fractions_per_class(make_config):
     cfg = make_config()
     fetch.run(cfg)

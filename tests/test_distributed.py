@@ -21,7 +21,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import REPO
+from conftest import REPO, cli_argv
 from reprolab import registry, tags, train
 from reprolab.config import load_config
 from reprolab.data import load_split
@@ -57,10 +57,7 @@ def project(root: Path, processed: Path, *more: str):
 
 
 def train_args(cfg, *more: str) -> list[str]:
-    args = ["train", "-q", "--params", str(cfg.base_dir / "params.yaml")]
-    for item in [*OVERRIDES, *more]:
-        args += ["-S", item]
-    return args
+    return cli_argv("train", cfg.base_dir, *OVERRIDES, *more)
 
 
 def launcher(cfg, *more: str) -> list[str]:

@@ -21,7 +21,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import TINY, training_run_id
+from conftest import TINY, cli_argv, training_run_id
 from reprolab import cli, registry, tracking, train
 from reprolab.data import load_split
 from reprolab.files import read_json, write_json
@@ -38,9 +38,7 @@ def tree(root: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
 
 
 def run_cli(cfg, stage: str, *overrides: str, extra: tuple[str, ...] = ()) -> int:
-    args = [stage, "-q", "--params", str(cfg.base_dir / "params.yaml"), *extra]
-    for item in (*TINY, *overrides):
-        args += ["-S", item]
+    args = [*cli_argv(stage, cfg.base_dir, *TINY, *overrides), *extra]
     return cli.main(args)
 
 
@@ -480,9 +478,7 @@ def test_a_vanished_tracking_server_is_one_line_and_the_rerun_resumes(project, t
     env_uri = os.environ["MLFLOW_TRACKING_URI"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
            "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-    args = ["train", "-q", "--params", cfg.base_dir / "params.yaml"]
-    for item in (*TINY, *overrides):
-        args += ["-S", item]
+    args = cli_argv("train", cfg.base_dir, *TINY, *overrides)
 
     server = serve(server_args, port, dict(os.environ), "/health")
     try:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reprolab import cli
+from conftest import reprolab
 from reprolab.data import MANIFEST
 from reprolab.data.imagefolder import DEFAULT_MAX_PIXELS
 from reprolab.errors import ConfigError
@@ -86,17 +86,6 @@ def snapshot(root: Path, outputs: tuple[str, ...] = ()) -> dict[str, str]:
             elif rel not in holders:
                 seen[rel] = f"kind {stat.S_IFMT(mode)}"
     return seen
-
-
-def reprolab(capsys, root: Path, stage: str, *overrides: str, args: tuple[str, ...] = ()
-             ) -> tuple[int, str, list[str]]:
-    """`reprolab <stage> -S ... ARGS` in-process -> (exit code, stdout, stderr lines)."""
-    argv = [stage, "-q", "--params", str(root / "params.yaml")]
-    for override in overrides:
-        argv += ["-S", override]
-    code = cli.main([*argv, *args])
-    out, err = capsys.readouterr()
-    return code, out, err.splitlines()
 
 
 def one_error(lines: list[str], stage: str) -> str:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import TINY
+from conftest import TINY, cli_argv
 from reprolab import cli, train
 from reprolab.launch import TrainerBusy
 
@@ -90,9 +90,7 @@ class _SigtermOnLog(logging.Handler):
 def test_sigterm_then_kill_9_then_resume_is_bitwise_identical(project, capsys, forks):
     overrides = [*TINY, "tracking.experiment=resume-test", *SLOW]
     cfg = project(*overrides[len(TINY):])
-    args = ["train", "--params", str(cfg.base_dir / "params.yaml")]
-    for item in overrides:
-        args += ["-S", item]
+    args = cli_argv("train", cfg.base_dir, *overrides, quiet=False)
 
     # SIGTERM from outside while `reprolab train` runs here, in this process, between timed
     # checkpoints: the state of the last finished epoch is written on the way out
@@ -215,10 +213,7 @@ sys.exit(cli.main(sys.argv[3:]))
 
 
 def _cli_args(cfg, overrides) -> list[str]:
-    args = ["train", "-q", "--params", str(cfg.base_dir / "params.yaml")]
-    for item in [*TINY, *overrides]:
-        args += ["-S", item]
-    return args
+    return cli_argv("train", cfg.base_dir, *TINY, *overrides)
 
 
 def _die_in_train(forks, cfg, overrides, where: str, epoch: int = 0) -> None:

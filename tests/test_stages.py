@@ -13,7 +13,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from conftest import TINY, training_run_id
+from conftest import TINY, cli_argv, training_run_id
 from reprolab import evaluate, register, space, train, tune
 from reprolab.data import load_split
 from reprolab.files import read_json, sha256_file, write_json
@@ -225,10 +225,9 @@ def test_register_refuses_metrics_of_another_model(project, capsys):
                      "train.epochs=1", "train.lr=1e-6")
     train.run(chance)
     assert read_json(cfg.report_dir("evaluate") / "metrics.json") == metrics  # stale
-    args = ["register", "--params", str(cfg.base_dir / "params.yaml")]
-    for item in (*TINY, "tracking.experiment=stale", f"register.model_name={name}",
-                 "train.epochs=1", "train.lr=1e-6"):
-        args += ["-S", item]
+    args = cli_argv("register", cfg.base_dir, *TINY, "tracking.experiment=stale",
+                    f"register.model_name={name}", "train.epochs=1", "train.lr=1e-6",
+                    quiet=False)
     capsys.readouterr()  # what the stages before said (MLflow creating the store, maybe)
     assert cli.main(args) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()

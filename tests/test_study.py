@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 from mlflow import MlflowClient
 
-from conftest import TINY
+from conftest import TINY, cli_argv
 from reprolab import space, storage, tune
 from reprolab import study as mechanics
 from reprolab.errors import ReprolabError
@@ -74,9 +74,7 @@ def _assert_no_run_left_running(experiment: str) -> None:
 def _start_worker(forks, cfg, overrides):
     """`reprolab tune --worker` in a process of its own (a fork: tests/forks.py; in a session of
     its own: a test that fails leaves no process behind)."""
-    args = ["tune", "--worker", "-q", "--params", cfg.base_dir / "params.yaml"]
-    for item in [*TINY, *overrides]:
-        args += ["-S", item]
+    args = [*cli_argv("tune", cfg.base_dir, *TINY, *overrides), "--worker"]
     return forks.reprolab(args, cfg.base_dir, new_session=True)
 
 
@@ -353,9 +351,7 @@ def _tune_in_trials(forks, cfg, overrides):
     both)."""
     from optuna.trial import TrialState
 
-    args = ["tune", "-q", "--params", cfg.base_dir / "params.yaml"]
-    for item in [*TINY, *overrides]:
-        args += ["-S", item]
+    args = cli_argv("tune", cfg.base_dir, *TINY, *overrides)
     storage = _storage(cfg)
     proc = forks.reprolab(args, cfg.base_dir, new_session=True)
     deadline, workers = time.monotonic() + 120, set()

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from conftest import REPO, TINY, one_error, reprolab, training_run_id
+from conftest import REPO, TINY, cli_argv, one_error, reprolab, training_run_id
 from reprolab import cli, evaluate, predict, register, registry, train, tune
 from reprolab.config import load_config
 from reprolab.data import fetch, load_split, preprocess
@@ -179,10 +179,9 @@ def _race(forks, machines, name: str, seed: int, *more) -> list[subprocess.Compl
     tests/forks.py); -> the results, `more`'s first."""
     jobs = list(more)
     for i, cfg in enumerate(machines.values()):
-        args = [str(seed * 100 + i), "register", "-q", "--params",
-                str(cfg.base_dir / "params.yaml")]
-        for item in (*TINY, "tracking.experiment=team", f"register.model_name={name}"):
-            args += ["-S", item]
+        args = [str(seed * 100 + i), *cli_argv("register", cfg.base_dir, *TINY,
+                                                "tracking.experiment=team",
+                                                f"register.model_name={name}")]
         jobs.append((RACER, args, cfg.base_dir))
     return forks.run(*jobs)
 

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 import pytest
 from mlflow import MlflowClient
 
-from conftest import REPO, TINY, one_error, reprolab
+from conftest import REPO, TINY, cli_argv, one_error, reprolab
 from reprolab import evaluate, register, registry, tags, train
 from reprolab.config import load_config
 
@@ -269,9 +269,7 @@ def test_register_killed_at_each_step_leaves_old_state_or_an_unaliased_complete_
         before = _state(name)
         for path, data in good_files.items():
             path.write_bytes(data)
-        args = ["register", "-q", "--params", str(good.base_dir / "params.yaml")]
-        for item in (*OVERRIDES, f"register.model_name={name}"):
-            args += ["-S", item]
+        args = cli_argv("register", good.base_dir, *OVERRIDES, f"register.model_name={name}")
         (proc,) = forks.run((DYING, [kill_at, *args], tmp_path))
         if proc.returncode != -signal.SIGKILL:  # fewer writes than that: it finished
             assert proc.returncode == 0, proc.stderr
