@@ -31,10 +31,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # file). `make test` runs each file whole on one worker and hands out files in collection order
 # (--no-loadscope-reorder), so these start first and none is left running alone at the end.
 # Only the order of the run depends on this list.
-LONGEST_FIRST = ("test_e2e.py", "test_team.py", "test_distributed.py", "test_e2e_network.py",
-                 "test_study.py", "test_trust.py", "test_memory.py", "test_resume.py",
-                 "test_tune.py", "test_adapt.py", "test_faults.py", "test_docs_examples.py",
-                 "test_serving.py")
+LONGEST_FIRST = ("test_e2e.py", "test_team.py", "test_distributed.py", "test_study.py",
+                 "test_e2e_network.py", "test_adapt.py", "test_trust.py", "test_faults.py",
+                 "test_memory.py", "test_tune.py", "test_resume.py", "test_serving.py",
+                 "test_docs_examples.py", "test_stages.py", "test_team_auth.py",
+                 "test_benchmarks.py", "test_gpu_check.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

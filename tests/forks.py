@@ -55,12 +55,12 @@ for line in sys.stdin:
         print(json.dumps(ended.get(pid)), flush=True)
 """
 
-# What a stage imports before its work, and what it imports to read a logged model or an MLflow
-# database store (1.5 s of CPU, paid again by every fork that reads one): each fork starts past
-# them.
+# What a stage imports before its work, and what it imports on the way: to read a logged model
+# or an MLflow database store (1.5 s of CPU), to build an optimizer (torch._dynamo, 0.9 s), for
+# MLflow's source tags (git): each fork starts past them, instead of paying them again.
 WARM = ["reprolab.cli", "reprolab.train", "reprolab.evaluate", "reprolab.register",
         "reprolab.promote", "reprolab.tune", "mlflow.pytorch", "torch.export.pt2_archive",
-        "mlflow.store.tracking.sqlalchemy_store"]
+        "mlflow.store.tracking.sqlalchemy_store", "torch._dynamo", "git"]
 
 # `python -m reprolab ARGS`, as a fork runs it
 CLI = "import sys\nfrom reprolab.cli import main\nsys.exit(main(sys.argv[1:]))\n"
