@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -93,7 +94,7 @@ class Fork:
 
     def kill(self) -> None:
         if self.poll() is None:
-            os.kill(self.pid, 9)
+            os.kill(self.pid, signal.SIGKILL)
 
     def result(self, timeout: float | None = None) -> subprocess.CompletedProcess:
         """As subprocess.run: killed when it outlives `timeout`."""

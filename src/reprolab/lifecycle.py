@@ -104,18 +104,19 @@ def exit_with_parent(pid: int | None = None) -> None:
         if pid is None:
             while os.getppid() == parent:
                 time.sleep(1)
-        elif hasattr(os, "pidfd_open"):  # Linux
+        else:
             try:  # readable once the process has ended (a zombie included); no pid reuse
                 ended = os.pidfd_open(pid)
-            except ProcessLookupError:
-                pass
-            else:
+            except ProcessLookupError:  # gone already
+                ended = None
+            except (AttributeError, OSError):  # not Linux, or a kernel before 5.3: poll
+                ended = None
+                while pid_alive(pid):
+                    time.sleep(1)
+            if ended is not None:
                 import select
 
                 select.select([ended], [], [])
-        else:
-            while pid_alive(pid):
-                time.sleep(1)
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
