@@ -261,15 +261,12 @@ def set_alias(name: str, alias: str, version: str | None) -> bool:
     # model an alias for the first time at once both insert, and the store's key refuses the
     # second (a UniqueViolation). Set again, the row is there and is updated; settle_aliases
     # then reads the versions again, so a value set from an older view is written over.
-    for attempt in (1, 2):
-        try:
-            client.set_registered_model_alias(name, alias, version)
-            return True
-        except MlflowException:
-            if not any(v["version"] == version for v in model_versions(name)):
-                return False
-            if attempt == 2:
-                raise
+    try:
+        client.set_registered_model_alias(name, alias, version)
+    except MlflowException:
+        if not any(v["version"] == version for v in model_versions(name)):
+            return False
+        client.set_registered_model_alias(name, alias, version)  # a second refusal is raised
     return True
 
 
