@@ -222,9 +222,9 @@ def test_imagefolder_reads_only_image_extensions_and_lists_the_rest(make_config,
     report = json.loads((cfg.report_dir("preprocess") / "report.json").read_text())
     assert report["not_image_files"] == ["cat/cover.bin", "dog/notes.txt"]
     assert report["skipped_files"] == []
-    from reprolab.data.imagefolder import image_extensions
+    from reprolab.data.imagefolder import IMAGE_EXTENSIONS
 
-    assert set(IMG_EXTENSIONS) < set(image_extensions())  # torchvision's list, and GIF
+    assert set(IMG_EXTENSIONS) < set(IMAGE_EXTENSIONS)  # torchvision's list, and GIF
 
 
 def test_imagefolder_lists_as_torchvision_does_without_importing_it(tmp_path):
@@ -238,10 +238,10 @@ def test_imagefolder_lists_as_torchvision_does_without_importing_it(tmp_path):
 
     from reprolab.data import imagefolder
 
-    assert imagefolder.image_extensions() == (*folder.IMG_EXTENSIONS, ".gif")
+    assert (*folder.IMG_EXTENSIONS, ".gif") == imagefolder.IMAGE_EXTENSIONS
     for name in ("a.PNG", "b.jpeg", "c.gif", "d.txt", "e.png.bak", "f.TIFF", "webp", ".webp"):
         assert imagefolder.is_image_name(name) == folder.has_file_allowed_extension(
-            name, imagefolder.image_extensions()), name
+            name, imagefolder.IMAGE_EXTENSIONS), name
     for name in ("b", "a", "C", ".hidden", "with space"):
         (tmp_path / "root" / name).mkdir(parents=True)
     (tmp_path / "root" / "file.png").write_bytes(b"")

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from reprolab.config import Config
-from reprolab.data.imagefolder import image_extensions, is_image_name
+from reprolab.data.imagefolder import IMAGE_EXTENSIONS, is_image_name
 
 
 @dataclass(frozen=True)
@@ -218,7 +218,7 @@ def main(cfg: Config | None, args: Any) -> int:
     predictions = run(model_uri, args.paths, cfg, allow_pickle=args.allow_pickle,
                       invert=args.invert, data_shape=data_shape)
     if not predictions:
-        raise ConfigError(f"no image files ({', '.join(image_extensions())}) in "
+        raise ConfigError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in "
                           f"{' '.join(args.paths)}")
     if args.json:
         print(json.dumps([p.__dict__ for p in predictions], indent=2))

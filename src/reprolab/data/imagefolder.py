@@ -191,10 +191,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
                     ".gif")
 
 
-def image_extensions() -> tuple[str, ...]:
-    return IMAGE_EXTENSIONS
-
-
 def is_image_name(name: str) -> bool:
     """torchvision's has_file_allowed_extension: the lower-cased name's ending."""
     return name.lower().endswith(IMAGE_EXTENSIONS)
