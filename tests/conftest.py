@@ -90,6 +90,16 @@ def processed_once(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def digits_project(root: Path, processed_once: Path) -> Path:
+    """A project of its own in `root` (made if missing): params.yaml, and the digits data that
+    processed_once fetched and preprocessed for the session; -> root."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    for rel in ("data/raw", "data/processed"):
+        shutil.copytree(processed_once / rel, root / rel)
+    return root
+
+
 def training_run_id(cfg: Config) -> str:
     """The run that trained cfg's models/model.pt, found as evaluate and register find it."""
     from reprolab import tracking

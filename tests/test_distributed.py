@@ -21,7 +21,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import REPO, cli_argv
+from conftest import REPO, cli_argv, digits_project
 from reprolab import registry, tags, train
 from reprolab.config import load_config
 from reprolab.data import load_split
@@ -48,12 +48,7 @@ METRICS = ("train/loss", "train/accuracy", "val/loss", "val/accuracy", "train/lr
 
 def project(root: Path, processed: Path, *more: str):
     """A project in `root` with the digits data already processed; -> its config."""
-    import shutil
-
-    shutil.copy(REPO / "params.yaml", root / "params.yaml")
-    for rel in ("data/raw", "data/processed"):
-        shutil.copytree(processed / rel, root / rel)
-    return load_config(root / "params.yaml", [*OVERRIDES, *more])
+    return load_config(digits_project(root, processed) / "params.yaml", [*OVERRIDES, *more])
 
 
 def train_args(cfg, *more: str) -> list[str]:

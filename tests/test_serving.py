@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, TINY
+from conftest import TINY, digits_project
 from reprolab import cli, evaluate, predict, register, train
 from reprolab.config import load_config
 from reprolab.data import load_split
@@ -28,12 +27,9 @@ MODEL = "serving-test"
 
 
 def _project(root: Path, processed_once: Path, *overrides: str):
-    root.mkdir(parents=True)
-    shutil.copy(REPO / "params.yaml", root / "params.yaml")
-    for rel in ("data/raw", "data/processed"):
-        shutil.copytree(processed_once / rel, root / rel)
-    return load_config(root / "params.yaml", [*TINY, f"register.model_name={MODEL}",
-                                              "tracking.experiment=serving", *overrides])
+    return load_config(digits_project(root, processed_once) / "params.yaml",
+                       [*TINY, f"register.model_name={MODEL}", "tracking.experiment=serving",
+                        *overrides])
 
 
 @pytest.fixture(scope="module")

@@ -444,16 +444,10 @@ def test_register_enabled_false_skips_the_registry_and_says_so(project, capsys):
 
 def _copy_project(root, processed_once, *overrides):
     """A project of its own in `root` (its own models/ and reports/), digits data in place."""
-    import shutil
-
-    from conftest import REPO
+    from conftest import digits_project
     from reprolab.config import load_config
 
-    root.mkdir(parents=True)
-    shutil.copy(REPO / "params.yaml", root / "params.yaml")
-    for rel in ("data/raw", "data/processed"):
-        shutil.copytree(processed_once / rel, root / rel)
-    return load_config(root / "params.yaml", [*TINY, *overrides])
+    return load_config(digits_project(root, processed_once) / "params.yaml", [*TINY, *overrides])
 
 
 def _aliases(name: str) -> dict[str, str | None]:

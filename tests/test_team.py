@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from conftest import REPO, TINY, cli_argv, one_error, reprolab, training_run_id
+from conftest import REPO, TINY, cli_argv, digits_project, one_error, reprolab, training_run_id
 from reprolab import cli, evaluate, predict, register, registry, train, tune
 from reprolab.config import load_config
 from reprolab.data import fetch, load_split, preprocess
@@ -36,11 +35,8 @@ pytestmark = pytest.mark.slow
 
 def _project(root: Path, processed_once: Path, *overrides: str):
     """One machine's copy of the project, with the digits data in place."""
-    root.mkdir(parents=True)
-    shutil.copy(REPO / "params.yaml", root / "params.yaml")
-    for rel in ("data/raw", "data/processed"):
-        shutil.copytree(processed_once / rel, root / rel)
-    return load_config(root / "params.yaml", [*TINY, "tracking.experiment=team", *overrides])
+    return load_config(digits_project(root, processed_once) / "params.yaml",
+                       [*TINY, "tracking.experiment=team", *overrides])
 
 
 ARTIFACTS: dict[str, Path] = {}  # the server's artifact store (a folder here)

@@ -9,14 +9,12 @@ import base64
 import json
 import os
 import secrets
-import shutil
 import urllib.request
-from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from conftest import REPO, TINY, one_error, reprolab
+from conftest import TINY, digits_project, one_error, reprolab
 from servers import BIN, free_port, postgres_database, serve, stop
 
 pytestmark = pytest.mark.slow
@@ -75,19 +73,11 @@ def as_user(auth_server, monkeypatch):
     return use
 
 
-def _project(root: Path, processed_once: Path) -> Path:
-    root.mkdir()
-    shutil.copy(REPO / "params.yaml", root / "params.yaml")
-    for rel in ("data/raw", "data/processed"):
-        shutil.copytree(processed_once / rel, root / rel)
-    return root
-
-
 def test_a_user_runs_the_pipeline_and_another_cannot_move_champion(
         as_user, tmp_path, processed_once, capsys):
     from PIL import Image
 
-    root = _project(tmp_path / "p", processed_once)
+    root = digits_project(tmp_path / "p", processed_once)
     as_user("alice")
     for overrides in ((), ("train.epochs=1", "train.lr=1e-6")):  # v1 @champion, v2 @challenger
         for stage in ("train", "evaluate", "register"):

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 import pytest
 from mlflow import MlflowClient
 
-from conftest import REPO, TINY, cli_argv, one_error, reprolab
+from conftest import TINY, cli_argv, digits_project, one_error, reprolab
 from reprolab import evaluate, register, registry, tags, train
 from reprolab.config import load_config
 
@@ -25,11 +25,8 @@ OVERRIDES = (*TINY, "tracking.experiment=trust", f"register.model_name={NAME}")
 
 
 def _project(root: Path, processed_once: Path, *overrides: str):
-    root.mkdir(parents=True, exist_ok=True)
     if not (root / "params.yaml").exists():
-        shutil.copy(REPO / "params.yaml", root / "params.yaml")
-        for rel in ("data/raw", "data/processed"):
-            shutil.copytree(processed_once / rel, root / rel)
+        digits_project(root, processed_once)
     return load_config(root / "params.yaml", [*OVERRIDES, *overrides])
 
 
